@@ -1,0 +1,202 @@
+"""The HTTP API: OpenAI-style chat and text completions over the ring.
+
+A request's path: the handler below tokenizes it (completion.py), the backend's entry sends
+it into the ring (entry.py), the shards run it (shard/runtime.py), and the tail's tokens come
+back through the entry to `pieces`, which turns them into text for the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from dnet import __version__
+from dnet.api.completion import (
+    Backend,
+    Job,
+    Piece,
+    Totals,
+    chat_prompt,
+    make_job,
+    pieces,
+    text_prompt,
+)
+from dnet.api.entry import RingError
+from dnet.api.schema import ApiError, ChatRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+DISCONNECT_POLL_S = 0.5
+
+
+def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = None) -> FastAPI:
+    app = FastAPI(title="dnet", version=__version__)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get(
+            "msg", "invalid request")
+        return ApiError(400, message, param=where or None).response()
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Any]]):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return ApiError(413, f"request body over {MAX_BODY_BYTES} bytes").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        status = {"status": "ok", "role": "api", "model": backend.model_name,
+                  "version": __version__}
+        if extra_health is not None:
+            status.update(extra_health())
+        return status
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": backend.model_name, "object": "model", "created": 0, "owned_by": "dnet"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        job = make_job(backend, body, chat_prompt(backend, body), logprobs=body.logprobs,
+                       top_logprobs=body.top_logprobs or 0)
+        return await _answer(request, backend, job, body.stream, body.include_usage(), "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        job = make_job(backend, body, text_prompt(backend, body),
+                       logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
+        return await _answer(request, backend, job, body.stream, body.include_usage(), "text")
+
+    return app
+
+
+async def _answer(request: Request, backend: Backend, job: Job, stream: bool,
+                  include_usage: bool, kind: str):
+    totals = Totals(prompt_tokens=len(job.prompt))
+    source = pieces(backend, job, totals)
+    if stream:
+        # Wait for the first piece before answering, so a dead ring is a 503, not a 200
+        # whose stream breaks.
+        try:
+            first = await anext(source)
+        except RingError as exc:
+            raise ApiError(exc.status, exc.message, kind="server_error") from exc
+        return StreamingResponse(_sse(backend, job, kind, first, source, totals, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    collect = asyncio.ensure_future(_collect(source))
+    try:
+        while not collect.done():
+            await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
+            if not collect.done() and await request.is_disconnected():
+                collect.cancel()  # frees the request's KV caches through the entry
+                return JSONResponse(status_code=499, content={})
+        parts = collect.result()
+    except RingError as exc:
+        raise ApiError(exc.status, exc.message, kind="server_error") from exc
+    finally:
+        if not collect.done():
+            collect.cancel()
+    return _full_response(backend, job, kind, parts, totals)
+
+
+async def _collect(source: AsyncIterator[Piece]) -> list[Piece]:
+    return [piece async for piece in source]
+
+
+def _full_response(backend: Backend, job: Job, kind: str, parts: list[Piece],
+                   totals: Totals) -> dict[str, Any]:
+    text = "".join(p.text for p in parts)
+    finish = parts[-1].finish_reason if parts else "stop"
+    ids = [t for p in parts for t in p.token_ids]
+    logprobs = [e for p in parts for e in p.logprobs]
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0, "message": {"role": "assistant", "content": text},
+            "logprobs": {"content": logprobs} if job.logprobs else None,
+            "finish_reason": finish,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish,
+                  "logprobs": _text_logprobs(logprobs) if job.logprobs else None}
+        obj = "text_completion"
+    if job.return_token_ids:
+        choice["token_ids"] = ids
+    return {"id": _response_id(job, kind), "object": obj, "created": job.created,
+            "model": backend.model_name, "choices": [choice], "usage": totals.usage()}
+
+
+async def _sse(backend: Backend, job: Job, kind: str, first: Piece,
+               rest: AsyncIterator[Piece], totals: Totals,
+               include_usage: bool) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    base = {"id": _response_id(job, kind), "object": obj, "created": job.created,
+            "model": backend.model_name}
+
+    def chunk(piece: Piece, role: bool = False) -> str:
+        if kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if piece.text or role:
+                delta["content"] = piece.text
+            choice: dict[str, Any] = {
+                "index": 0, "delta": delta, "finish_reason": piece.finish_reason,
+                "logprobs": {"content": piece.logprobs} if job.logprobs else None}
+        else:
+            choice = {"index": 0, "text": piece.text, "finish_reason": piece.finish_reason,
+                      "logprobs": _text_logprobs(piece.logprobs) if job.logprobs else None}
+        if job.return_token_ids:
+            choice["token_ids"] = piece.token_ids
+        body = {**base, "choices": [choice]}
+        if include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk(first, role=True)
+        async for piece in rest:
+            yield chunk(piece)
+    except RingError as exc:
+        log.warning("request %s failed mid-stream: %s", job.id, exc.message)
+        error = ApiError(exc.status, exc.message, kind="server_error").body()
+        yield f"data: {json.dumps(error)}\n\n"
+    else:
+        if include_usage:
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': totals.usage()})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _text_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The legacy completions shape of log-probabilities."""
+    offsets, position = [], 0
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                         for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _response_id(job: Job, kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{job.id}"

@@ -1,0 +1,161 @@
+"""The entry node: it owns a request, sends it into the ring and collects its tokens.
+
+The prompt goes to the head shard as prefill chunks, then the last prompt token alone with
+`sample` set, exactly the steps mlx-lm's generate_step takes. From then on the tail feeds
+the head itself; the entry only listens on its token sink and, when the request ends for
+any reason, sends a RELEASE that frees the KV caches round the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from dnet import __version__
+from dnet.proto import dnet_ring_pb2 as pb
+from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring.links import LinkPool, open_frames
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 2048  # mlx-lm's prefill_step_size: the same chunks give the same numbers
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    first_token_s: float = 300.0
+    next_token_s: float = 120.0
+
+
+class RingError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RingEntry:
+    def __init__(self, head: str, *, timeouts: Timeouts | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+        self.head = head
+        self.address = ""  # our token sink, host:port; set once its server listens
+        self.timeouts = timeouts or Timeouts()
+        self.prefill_chunk = prefill_chunk
+        self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[pb.Token],
+                                       str]] = {}
+        self._links = LinkPool(open_frames, self._on_rejected, self._on_broken)
+
+    def close(self) -> None:
+        self._links.close()
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._pending)
+
+    async def generate(self, prompt: list[int], sampling: pb.SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[pb.Token]:
+        """Tokens of one completion, in order; raises RingError when the ring fails it."""
+        if not self.address:
+            raise RingError(503, "the token sink is not listening yet")
+        request_id = request_id or uuid.uuid4().hex
+        head = self.head
+        tokens: asyncio.Queue[pb.Token] = asyncio.Queue()
+        self._pending[request_id] = (asyncio.get_running_loop(), tokens, head)
+        try:
+            for frame in self._prompt_frames(request_id, head, prompt, sampling):
+                self._links.send(head, frame)
+            expected = 0
+            timeout = self.timeouts.first_token_s
+            while True:
+                try:
+                    token = await asyncio.wait_for(tokens.get(), timeout)
+                except TimeoutError:
+                    raise RingError(504, f"no token from the ring within {timeout:.0f} s") from None
+                if token.error:
+                    raise RingError(token.error_code or 503, token.error)
+                if token.index < expected:
+                    continue  # a duplicate can only be stale; never emit a token twice
+                expected = token.index + 1
+                timeout = self.timeouts.next_token_s
+                yield token
+                if token.finish_reason:
+                    return
+        finally:
+            self._pending.pop(request_id, None)
+            try:
+                self._links.send(head, pb.Frame(request_id=request_id, kind=pb.RELEASE,
+                                                next_layer=0, head=head))
+            except ConnectionError as exc:
+                log.debug("could not release %s: %s", request_id, exc)
+
+    def _prompt_frames(self, request_id: str, head: str, prompt: list[int],
+                       sampling: pb.SamplingParams) -> Iterator[pb.Frame]:
+        # All but the last prompt token fill the KV caches in chunks; the last token runs
+        # alone and is sampled, as in mlx-lm's generate_step.
+        prefix = prompt[:-1]
+        steps = [prefix[i:i + self.prefill_chunk]
+                 for i in range(0, len(prefix), self.prefill_chunk)]
+        steps.append(prompt[-1:])
+        position = 0
+        for i, chunk in enumerate(steps):
+            frame = pb.Frame(request_id=request_id, next_layer=0, position=position,
+                             tokens=chunk, sample=i == len(steps) - 1, entry=self.address,
+                             head=head)
+            if position == 0:
+                frame.sampling.CopyFrom(sampling)
+            position += len(chunk)
+            yield frame
+
+    # ----- callbacks from gRPC threads ------------------------------------------------
+
+    def deliver(self, token: pb.Token) -> None:
+        pending = self._pending.get(token.request_id)
+        if pending is not None:
+            loop, queue, _ = pending
+            loop.call_soon_threadsafe(queue.put_nowait, token)
+
+    def _fail(self, request_id: str, status: int, message: str) -> None:
+        self.deliver(pb.Token(request_id=request_id, error=message, error_code=status))
+
+    def _on_rejected(self, status: pb.FrameStatus) -> None:
+        self._fail(status.request_id, 502, f"the head shard rejected the request: "
+                                           f"{status.message}")
+
+    def _on_broken(self, address: str, _unsent: list, reason: str) -> None:
+        for request_id, (_, _, head) in list(self._pending.items()):
+            if head == address:
+                self._fail(request_id, 503, f"ring head {address} is unreachable ({reason})")
+
+
+class EntryService(pb_grpc.RingServicer):
+    """The entry's side of the Ring service: the tail's token stream, and health checks."""
+
+    def __init__(self, entry: RingEntry, model_name: str) -> None:
+        self.entry = entry
+        self.model_name = model_name
+
+    def Tokens(self, request_iterator: Iterator[pb.Token],
+               context: grpc.ServicerContext) -> Iterator[pb.Empty]:
+        for token in request_iterator:
+            self.entry.deliver(token)
+        return iter(())
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(role="api", model=self.model_name, version=__version__,
+                              active_requests=self.entry.active_requests)
+
+
+def local_address_towards(host: str) -> str:
+    """The address of this machine on the route to `host` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((socket.gethostbyname(host), 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

@@ -1,0 +1,74 @@
+"""The seed's API process: HTTP in front, the ring's first shard behind."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+from mlx_lm.utils import load_tokenizer
+
+from dnet.api.app import create_app
+from dnet.api.entry import EntryService, RingEntry, Timeouts, local_address_towards
+from dnet.model_files import read_config, resolve_metadata
+from dnet.proto import dnet_ring_pb2 as pb
+from dnet.ring.links import start_server
+
+log = logging.getLogger(__name__)
+
+WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+DEFAULT_MODEL_ALIAS = "default_model"  # the model name in the seed's curl example
+
+
+class RingBackend:
+    """A model served by a ring, seen from one entry node."""
+
+    def __init__(self, model_name: str, model_dir: Path, entry: RingEntry,
+                 max_context: int | None = None) -> None:
+        config = read_config(model_dir)
+        self.model_name = model_name
+        self.tokenizer = load_tokenizer(model_dir)
+        self.vocab_size = int(config["vocab_size"])
+        self.max_context = max_context or int(config.get("max_position_embeddings") or 4096)
+        self.entry = entry
+        self._aliases = {model_name, DEFAULT_MODEL_ALIAS, Path(model_name).name}
+
+    def accepts_model(self, name: str | None) -> bool:
+        return not name or name in self._aliases
+
+    def generate(self, prompt: list[int], sampling: pb.SamplingParams) -> AsyncIterator[pb.Token]:
+        return self.entry.generate(prompt, sampling)
+
+
+def split_address(address: str, default_port: int) -> tuple[str, int]:
+    """'host:port', ':port', 'host' or '[v6]:port' -> (host, port)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest.lstrip(":") or default_port)
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, default_port
+    return host, int(port)
+
+
+def run_api(model: str, listen: str, first_shard: str, *, max_context: int | None = None,
+            timeouts: Timeouts | None = None) -> None:
+    host, port = split_address(listen, 8080)
+    model_dir = resolve_metadata(model)
+    entry = RingEntry(first_shard, timeouts=timeouts or Timeouts())
+    sink_host = "0.0.0.0" if host in WILDCARDS else host
+    server, sink_port = start_server(EntryService(entry, model), sink_host, 0)
+    shard_host, _ = split_address(first_shard, 50501)
+    advertised = local_address_towards(shard_host) if host in WILDCARDS else host
+    entry.address = f"{advertised}:{sink_port}"
+    backend = RingBackend(model, model_dir, entry, max_context)
+    app = create_app(backend, extra_health=lambda: {"head": first_shard,
+                                                    "token_sink": entry.address})
+    log.info("API on http://%s:%d, first shard %s, token sink %s", host or "0.0.0.0", port,
+             first_shard, entry.address)
+    try:
+        uvicorn.run(app, host=host or "0.0.0.0", port=port, log_level="warning")
+    finally:
+        server.stop(grace=1)
+        entry.close()

@@ -1,0 +1,199 @@
+"""The `dnet` command line: `dnet shard`, `dnet api`, `dnet demo`, `dnet plan`, ..."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from dnet import __version__
+
+log = logging.getLogger("dnet")
+
+
+def parse_layers(text: str) -> list[int]:
+    """'[0,1,2,5]' (the seed's form), '0-2,5' or '0,1,2,5' -> [0, 1, 2, 5]."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: {exc}") from exc
+        if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: expected integers")
+        layers = values
+    else:
+        layers = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            start, sep, end = part.partition("-")
+            if not start.isdigit() or (sep and not end.isdigit()):
+                raise argparse.ArgumentTypeError(f"bad layer range {part!r}")
+            layers.extend(range(int(start), int(end) + 1) if sep else [int(start)])
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"bad layer list {text!r}: empty, negative or repeated")
+    return sorted(layers)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    # Wide lines when logging to a file: wrapped log lines are hard to grep.
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[RichHandler(console=console, show_path=False, markup=False)],
+    )
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+# ----- subcommands -------------------------------------------------------------------------
+
+
+def add_shard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="local model directory or HF repo id")
+    p.add_argument("-p", "--port", type=int, required=True, help="gRPC port")
+    p.add_argument("-l", "--layers", type=parse_layers, required=True,
+                   help='layers to hold: "[0,1,2]" or "0-17,36-53"')
+    p.add_argument("-n", "--next", required=True, dest="next_address",
+                   help="next shard's host:port; the last shard names the API (host:http-port)")
+    p.add_argument("--prefetch-window", type=int, default=None,
+                   help="layers kept resident at once (default: all layers held)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--kv-ttl", type=float, default=300.0,
+                   help="seconds before an idle request's KV cache is dropped (default 300)")
+
+
+def run_shard_command(args: argparse.Namespace) -> int:
+    from dnet.model_files import ModelNotFoundError, resolve_for_layers
+    from dnet.shard.service import run_shard
+
+    if args.prefetch_window is not None and args.prefetch_window < 1:
+        print("dnet shard: --prefetch-window must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        model_dir = resolve_for_layers(args.model, args.layers)
+    except ModelNotFoundError as exc:
+        print(f"dnet shard: {exc}", file=sys.stderr)
+        return 2
+    stop = _stop_on_signals()
+    try:
+        run_shard(args.model, model_dir, args.layers, args.host, args.port, args.next_address,
+                  args.prefetch_window, args.kv_ttl, stop)
+    except (ValueError, OSError) as exc:
+        print(f"dnet shard: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_api_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-a", "--address", default="0.0.0.0:8080",
+                   help="HTTP address to listen on, host:port (default 0.0.0.0:8080)")
+    p.add_argument("-s", "--shard", required=True, help="first shard's host:port (layer 0)")
+    p.add_argument("-m", "--model", required=True, help="model id or path; must match shards")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="longest prompt plus answer, in tokens (default: the model's)")
+    p.add_argument("--token-timeout", type=float, default=120.0,
+                   help="seconds to wait for the next token before failing (default 120)")
+
+
+def run_api_command(args: argparse.Namespace) -> int:
+    from dnet.api.entry import Timeouts
+    from dnet.api.server import run_api
+    from dnet.model_files import ModelNotFoundError
+
+    timeouts = Timeouts(first_token_s=max(300.0, args.token_timeout),
+                        next_token_s=args.token_timeout)
+    try:
+        run_api(args.model, args.address, args.shard, max_context=args.max_context,
+                timeouts=timeouts)
+    except (ModelNotFoundError, OSError) as exc:
+        print(f"dnet api: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", type=int, default=2, help="number of shards (default 2)")
+    p.add_argument("--http-port", type=int, default=8080, help="API port (default 8080)")
+    p.add_argument("--grpc-port", type=int, default=50501, help="first shard's port")
+    p.add_argument("--once", action="store_true",
+                   help="exit after the sample completion instead of serving")
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from dnet.demo import run_demo
+
+    return run_demo(shards=args.shards, http_port=args.http_port, grpc_port=args.grpc_port,
+                    serve=not args.once)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dnet", description="Distributed LLM inference over a ring of machines.")
+    parser.add_argument("--version", action="version", version=f"dnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shard = sub.add_parser("shard", help="serve some layers of a model (manual mode)")
+    add_shard_arguments(shard)
+    shard.set_defaults(run=run_shard_command)
+
+    api = sub.add_parser("api", help="serve the HTTP API in front of a ring (manual mode)")
+    add_api_arguments(api)
+    api.set_defaults(run=run_api_command)
+
+    demo = sub.add_parser("demo", help="a local ring on a generated model, no network needed")
+    add_demo_arguments(demo)
+    demo.set_defaults(run=run_demo_command)
+
+    try:
+        from dnet.plan_cli import add_plan_arguments, run_plan
+    except ImportError:  # TEMP until the planner lands
+        pass
+    else:
+        plan = sub.add_parser("plan", help="plan layers and windows for a set of devices")
+        add_plan_arguments(plan)
+        plan.set_defaults(run=run_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return int(args.run(args) or 0)
+
+
+def _alias(command: str) -> int:
+    return main([command, *sys.argv[1:]])
+
+
+def shard_alias() -> int:
+    """`piped_mlx_ring_shard`, the seed's name for `dnet shard`."""
+    return _alias("shard")
+
+
+def api_alias() -> int:
+    """`piped_mlx_ring_api`, the seed's name for `dnet api`."""
+    return _alias("api")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Small random-weight models in the standard Hugging Face / MLX layout.
+
+Tests, benchmarks and `dnet demo` run on these: no model can be downloaded on the machines we
+build on, and committed weights are not allowed. A generated model is a directory holding
+`config.json`, `model-0000X-of-0000N.safetensors` with `model.safetensors.index.json` (layers
+spread over several files, so a shard can fetch only the files it needs), and a byte-level BPE
+tokenizer with a ChatML chat template. The weights are random, so the text is gibberish.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import _get_classes, quantize_model
+
+ARCHITECTURES = ("qwen3", "qwen2", "llama", "deepseek_v2")
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# A few sentences are enough for a byte-level BPE that round-trips any text.
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Distributed inference splits a large language model across several machines.",
+    "Each shard holds a run of transformer layers and passes activations round a ring.",
+    "What is two plus two? Two plus two is four.",
+    "Apple Silicon Macs share unified memory between the CPU and the GPU.",
+    "Hello, world! How are you today? I am fine, thank you.",
+    "def main():\n    print('hello')\n    return 0\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: + - * / = < > ( ) [ ] { }",
+    "Streaming weights from disk lets a model larger than memory still run.",
+    "The coordinator plans which layers each device keeps resident at once.",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to generate. The defaults give a ~2 MB Qwen3 that decodes fast on a CPU."""
+
+    arch: str = "qwen3"
+    dtype: str = "bfloat16"
+    quant_bits: int | None = None
+    num_layers: int = 8
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512
+    weight_files: int = 3
+    init_scale: float = 0.3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose from {ARCHITECTURES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {list(DTYPES)}")
+        if self.quant_bits not in (None, 4, 8):
+            raise ValueError("quant_bits must be 4, 8 or None")
+        if self.quant_bits and self.hidden_size % 64:
+            raise ValueError("quantized models need hidden_size to be a multiple of 64")
+        if self.num_layers < 1 or self.weight_files < 1:
+            raise ValueError("num_layers and weight_files must be at least 1")
+
+    @property
+    def name(self) -> str:
+        precision = f"q{self.quant_bits}" if self.quant_bits else self.dtype
+        return (
+            f"{self.arch}-{precision}-L{self.num_layers}-H{self.hidden_size}"
+            f"-I{self.intermediate_size}-V{self.vocab_size}-s{self.seed}"
+        )
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int) -> int:
+    """Train a byte-level BPE and write tokenizer files; returns the real vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    special_map = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+    return tokenizer.get_vocab_size()
+
+
+def model_config(spec: ModelSpec, vocab_size: int) -> dict:
+    """A config.json in the shape the Hugging Face / mlx-lm model classes read."""
+    head_dim = spec.hidden_size // spec.num_heads
+    common = {
+        "model_type": spec.arch,
+        "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "intermediate_size": spec.intermediate_size,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
+        "torch_dtype": spec.dtype,
+    }
+    if spec.arch == "qwen3":
+        return {**common, "head_dim": head_dim, "tie_word_embeddings": True}
+    if spec.arch == "qwen2":
+        return {**common, "tie_word_embeddings": False}
+    if spec.arch == "llama":
+        return {**common, "head_dim": head_dim, "tie_word_embeddings": False}
+    # DeepSeek V2: multi-head latent attention plus a mixture of experts after one dense layer.
+    return {
+        **common,
+        "num_key_value_heads": spec.num_heads,
+        "moe_intermediate_size": spec.intermediate_size // 2,
+        "n_shared_experts": 1,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "routed_scaling_factor": 1.0,
+        "topk_method": "greedy",
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "kv_lora_rank": 32,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096},
+    }
+
+
+def _randomize(model: nn.Module, spec: ModelSpec) -> None:
+    """Replace every parameter with scaled normal noise.
+
+    A small scale (0.02) makes greedy decoding repeat one token, which would let a broken
+    ring still match its reference; 0.1 to 0.5 gives diverse output (see NOTES.md).
+    """
+    mx.random.seed(spec.seed)
+    dtype = DTYPES[spec.dtype]
+
+    def noise(p: mx.array) -> mx.array:
+        return (mx.random.normal(p.shape) * spec.init_scale).astype(dtype)
+
+    model.update(tree_map(noise, model.parameters()))
+    # Norm weights around one keep activations in a sane range through many layers.
+    for _, module in model.named_modules():
+        if isinstance(module, nn.RMSNorm):
+            module.weight = (1.0 + 0.1 * mx.random.normal(module.weight.shape)).astype(dtype)
+    mx.eval(model.parameters())
+
+
+def _file_of(name: str, num_layers: int, files: int) -> int:
+    """Which weight file a tensor goes to: embedding first, head last, layers spread evenly."""
+    if name.startswith("model.layers."):
+        layer = int(name.split(".")[2])
+        return min(files - 1, layer * files // num_layers)
+    if name.startswith("model.embed_tokens"):
+        return 0
+    return files - 1
+
+
+def _save_weights(model: nn.Module, out_dir: Path, num_layers: int, files: int) -> None:
+    weights = dict(tree_flatten(model.parameters()))
+    groups: list[dict[str, mx.array]] = [{} for _ in range(files)]
+    for name, value in weights.items():
+        groups[_file_of(name, num_layers, files)][name] = value
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        file_name = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+        mx.save_safetensors(str(out_dir / file_name), group, metadata={"format": "mlx"})
+        weight_map.update({name: file_name for name in group})
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def generate_model(out_dir: str | Path, spec: ModelSpec | None = None) -> Path:
+    """Write a random-weight model to `out_dir` (replacing it) and return the path."""
+    spec = spec or ModelSpec()
+    spec.validate()
+    out_dir = Path(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".gen-", dir=out_dir.parent if out_dir.parent.exists()
+                                    else None))
+    try:
+        vocab_size = build_tokenizer(staging, spec.vocab_size)
+        config = model_config(spec, vocab_size)
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+        _randomize(model, spec)
+        if spec.quant_bits:
+            model, config = quantize_model(model, config, group_size=64, bits=spec.quant_bits)
+        _save_weights(model, staging, spec.num_layers, min(spec.weight_files, spec.num_layers))
+        config["dnet_generated"] = asdict(spec)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("DNET_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dnet"
+    )
+    return Path(base) / "models"
+
+
+def cached_model(spec: ModelSpec | None = None, cache_dir: Path | None = None) -> Path:
+    """The generated model for `spec`, generating it once and reusing it afterwards."""
+    spec = spec or ModelSpec()
+    path = (cache_dir or default_cache_dir()) / spec.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A lock file, because parallel tests or two demos may ask for the same model at once.
+    with open(path.parent / f".{spec.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").exists():
+            generate_model(path, spec)
+    return path

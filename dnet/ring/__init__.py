@@ -1,0 +1,1 @@
+"""The ring's wire format and the persistent gRPC links between its members."""

@@ -1,0 +1,180 @@
+"""Persistent gRPC streams to ring neighbours.
+
+A unary call per frame costs a round trip; a stream kept open per neighbour lets the sender
+write and move on. A link notices a dead peer from the stream's error (at once when the
+process dies, within a few seconds through keepalive when the host vanishes) and reports it,
+so the owner can fail the requests it had sent that way instead of letting them hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.max_pings_without_data", 0),
+    # A dead peer must fail the next call at once, not after exponential reconnect backoff.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    *_KEEPALIVE,
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+    *_KEEPALIVE,
+]
+
+_CLOSE = object()
+
+OpenStream = Callable[[pb_grpc.RingStub, Iterator[Any]], Iterator[Any]]
+OnBroken = Callable[[str, list[Any], str], None]
+
+
+def open_frames(stub: pb_grpc.RingStub, messages: Iterator[Any]) -> Iterator[Any]:
+    return stub.Frames(messages)
+
+
+def open_tokens(stub: pb_grpc.RingStub, messages: Iterator[Any]) -> Iterator[Any]:
+    return stub.Tokens(messages)
+
+
+class StreamLink:
+    """One open client stream to `address`; `send` never blocks on the network."""
+
+    def __init__(
+        self,
+        address: str,
+        open_stream: OpenStream,
+        on_reply: Callable[[Any], None],
+        on_broken: OnBroken,
+    ) -> None:
+        self.address = address
+        self._open_stream = open_stream
+        self._on_reply = on_reply
+        self._on_broken = on_broken
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.RingStub(self._channel)
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[Any] | None = None
+        self._closed = False
+
+    def send(self, message: Any) -> None:
+        with self._lock:
+            if self._closed:
+                raise ConnectionError(f"link to {self.address} is closed")
+            if self._outbox is None:
+                self._outbox = queue.SimpleQueue()
+                replies = self._open_stream(self._stub, _drain(self._outbox))
+                threading.Thread(
+                    target=self._read_replies,
+                    args=(replies, self._outbox),
+                    name=f"link-{self.address}",
+                    daemon=True,
+                ).start()
+            self._outbox.put(message)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._outbox is not None:
+                self._outbox.put(_CLOSE)
+                self._outbox = None
+        self._channel.close()
+
+    def _read_replies(self, replies: Iterator[Any], outbox: queue.SimpleQueue[Any]) -> None:
+        try:
+            for reply in replies:
+                self._on_reply(reply)
+            reason = "the peer closed the stream"
+        except grpc.RpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+        except ValueError as exc:  # grpc raises this once the channel is closed under us
+            reason = str(exc)
+        with self._lock:
+            if self._outbox is outbox:
+                self._outbox = None
+            closed = self._closed
+        unsent = _pending(outbox)
+        outbox.put(_CLOSE)  # ends grpc's reader of the dead stream's request iterator
+        if not closed:
+            log.warning("link to %s broke: %s", self.address, reason)
+            self._on_broken(self.address, unsent, reason)
+
+
+def _drain(outbox: queue.SimpleQueue[Any]) -> Iterator[Any]:
+    while True:
+        message = outbox.get()
+        if message is _CLOSE:
+            return
+        yield message
+
+
+def _pending(outbox: queue.SimpleQueue[Any]) -> list[Any]:
+    unsent = []
+    while True:
+        try:
+            message = outbox.get_nowait()
+        except queue.Empty:
+            return unsent
+        if message is not _CLOSE:
+            unsent.append(message)
+
+
+class LinkPool:
+    """One link per peer address, created on first use."""
+
+    def __init__(self, open_stream: OpenStream, on_reply: Callable[[Any], None],
+                 on_broken: OnBroken) -> None:
+        self._open_stream = open_stream
+        self._on_reply = on_reply
+        self._on_broken = on_broken
+        self._links: dict[str, StreamLink] = {}
+        self._lock = threading.Lock()
+
+    def send(self, address: str, message: Any) -> None:
+        with self._lock:
+            link = self._links.get(address)
+            if link is None:
+                link = StreamLink(address, self._open_stream, self._on_reply, self._on_broken)
+                self._links[address] = link
+        link.send(message)
+
+    def close(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+
+
+def start_server(servicer: pb_grpc.RingServicer, host: str, port: int,
+                 max_workers: int = 32) -> tuple[grpc.Server, int]:
+    """Serve the Ring service on host:port (0 picks a free port); returns (server, port)."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=SERVER_OPTIONS)
+    pb_grpc.add_RingServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (address in use?)")
+    server.start()
+    return server, bound

@@ -1,0 +1,1 @@
+"""A shard process: some of a model's layers behind the Ring gRPC service."""

@@ -1,0 +1,74 @@
+"""The Ring gRPC service of a shard, and the process that runs one."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from dnet import __version__
+from dnet.proto import dnet_ring_pb2 as pb
+from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring.links import start_server
+from dnet.shard.router import ManualRouter
+from dnet.shard.runtime import FrameRejected, ShardRuntime
+from dnet.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+class ShardService(pb_grpc.RingServicer):
+    def __init__(self, runtime: ShardRuntime) -> None:
+        self.runtime = runtime
+
+    def Forward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Empty:
+        try:
+            self.runtime.accept(request)
+        except FrameRejected as exc:
+            context.abort(exc.code, exc.message)
+        return pb.Empty()
+
+    def Frames(self, request_iterator: Iterator[pb.Frame],
+               context: grpc.ServicerContext) -> Iterator[pb.FrameStatus]:
+        for frame in request_iterator:
+            try:
+                self.runtime.accept(frame)
+            except FrameRejected as exc:
+                log.warning("rejected a frame of %s from %s: %s",
+                            frame.request_id, context.peer(), exc.message)
+                yield pb.FrameStatus(request_id=frame.request_id, code=exc.code.value[0],
+                                     message=exc.message)
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self.runtime.release(request.request_id, request.propagate)
+        return pb.Empty()
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        stage = self.runtime.stage
+        return pb.HealthReply(
+            role="shard", model=self.runtime.model_name, layers=stage.layers,
+            num_layers=stage.num_layers, active_requests=self.runtime.active_requests,
+            version=__version__, hidden_size=stage.hidden_size, window=self.runtime.window,
+        )
+
+
+def run_shard(model: str, model_dir: Path, layers: list[int], host: str, port: int,
+              next_address: str, window: int | None, kv_ttl_s: float,
+              stop: threading.Event) -> None:
+    """Load the layers, serve the ring until `stop` is set."""
+    if window is not None and window < len(layers):
+        log.warning("prefetch window %d is smaller than the %d layers held; all layers stay "
+                    "resident", window, len(layers))
+    runtime = ShardRuntime(lambda: Stage(model_dir, layers), ManualRouter(next_address),
+                           model_name=model, kv_ttl_s=kv_ttl_s, window=window)
+    runtime.start()
+    server, bound = start_server(ShardService(runtime), host, port)
+    log.info("shard ready on %s:%d, layers %s, next hop %s", host, bound, layers, next_address)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=1).wait()
+        runtime.stop()

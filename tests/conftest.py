@@ -1,0 +1,92 @@
+"""Shared fixtures: generated models, real rings of processes on loopback, mlx-lm references."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from dnet.local_ring import LocalRing
+from dnet.modelgen import ModelSpec, cached_model
+
+QWEN3_BF16 = ModelSpec(arch="qwen3", dtype="bfloat16")
+QWEN3_Q4 = ModelSpec(arch="qwen3", dtype="bfloat16", quant_bits=4)
+DEEPSEEK_F32 = ModelSpec(arch="deepseek_v2", dtype="float32")
+LLAMA_F16 = ModelSpec(arch="llama", dtype="float16")
+QWEN2_Q8 = ModelSpec(arch="qwen2", dtype="bfloat16", quant_bits=8)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def make_model(model_cache: Path):
+    def make(spec: ModelSpec) -> Path:
+        return cached_model(spec, cache_dir=model_cache)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def qwen3_model(make_model) -> Path:
+    return make_model(QWEN3_BF16)
+
+
+@pytest.fixture
+def start_ring(tmp_path: Path) -> Iterator:
+    """Start a LocalRing; every ring started this way is stopped by process id afterwards."""
+    rings: list[LocalRing] = []
+
+    def start(model: Path, layer_lists: list[list[int]], **kwargs) -> LocalRing:
+        ring = LocalRing(str(model), layer_lists, log_dir=tmp_path / f"ring{len(rings)}",
+                         **kwargs)
+        rings.append(ring)
+        return ring.start(timeout_s=90)
+
+    yield start
+    for ring in rings:
+        ring.stop()
+
+
+@cache
+def _loaded(model_dir: str):
+    import mlx_lm
+
+    return mlx_lm.load(model_dir)
+
+
+def reference_tokens(model_dir: Path, prompt: list[int], max_tokens: int, *,
+                     ignore_eos: bool = False, temperature: float = 0.0, seed: int | None = None,
+                     repetition_penalty: float | None = None, **sampler_args) -> list[int]:
+    """What single-process mlx-lm generates for the same prompt."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step, stream_generate
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    model, tokenizer = _loaded(str(model_dir))
+    if seed is not None:
+        mx.random.seed(seed)
+    kwargs = {
+        "sampler": make_sampler(temp=temperature, **sampler_args),
+        "logits_processors": make_logits_processors(repetition_penalty=repetition_penalty),
+    }
+    if ignore_eos:
+        steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs)
+        return [int(token) for token, _ in steps]
+    return [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                             **kwargs)
+            if r.finish_reason != "stop" or r.token not in tokenizer.eos_token_ids]
+
+
+def reference_tokenizer(model_dir: Path):
+    return _loaded(str(model_dir))[1]
+
+
+def chat_prompt_ids(model_dir: Path, content: str) -> list[int]:
+    tokenizer = reference_tokenizer(model_dir)
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                              add_generation_prompt=True))
