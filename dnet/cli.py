@@ -164,14 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(run=run_demo_command)
 
-    try:
-        from dnet.plan_cli import add_plan_arguments, run_plan
-    except ImportError:  # TEMP until the planner lands
-        pass
-    else:
-        plan = sub.add_parser("plan", help="plan layers and windows for a set of devices")
-        add_plan_arguments(plan)
-        plan.set_defaults(run=run_plan)
+    from dnet.plan_cli import add_plan_arguments, run_plan
+
+    plan = sub.add_parser("plan", help="plan layers and windows for a set of devices")
+    add_plan_arguments(plan)
+    plan.set_defaults(run=run_plan)
     return parser
 
 
