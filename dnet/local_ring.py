@@ -61,6 +61,7 @@ class LocalRing:
     host: str = "127.0.0.1"
     log_dir: Path | None = None
     shard_args: list[str] = field(default_factory=list)
+    per_shard_args: list[list[str]] = field(default_factory=list)  # extra args per shard
     api_args: list[str] = field(default_factory=list)
     processes: list[subprocess.Popen] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
@@ -84,7 +85,8 @@ class LocalRing:
         layers = "[" + ",".join(map(str, self.layer_lists[i])) + "]"
         return [sys.executable, "-m", "dnet.cli", "shard", "-m", self.model,
                 "-p", str(self.grpc_ports[i]), "-l", layers, "-n", next_hop,
-                "--host", self.host, *self.shard_args]
+                "--host", self.host, *self.shard_args,
+                *(self.per_shard_args[i] if self.per_shard_args else [])]
 
     def api_command(self) -> list[str]:
         return [sys.executable, "-m", "dnet.cli", "api", "-a", f"{self.host}:{self.http_port}",

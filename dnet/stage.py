@@ -9,16 +9,19 @@ that starts there. Only compute lives here: no networking, no threads.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, load_model
 
-from dnet.model_files import format_layers, read_config, tensor_names_for
+from dnet.model_files import format_layers, read_config, tensor_names_for, weight_files_for
+from dnet.weights import LayerWindow
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,22 @@ def _stage_model_classes(layers: set[int], total_layers: int):
     return get_classes
 
 
+def _layer_files(model_dir: Path, layers: list[int]) -> dict[int, list[Path]]:
+    """The weight files holding each layer, from the index when there is one."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.exists():
+        files = sorted(model_dir.glob("model*.safetensors"))
+        return {layer: files for layer in layers}
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    return {layer: [model_dir / f for f in weight_files_for(weight_map,
+                                                            [f"model.layers.{layer}."])]
+            for layer in layers}
+
+
 class Stage:
     """The layers a shard holds, with the embedding and head when they belong here."""
 
-    def __init__(self, model_dir: Path, layers: list[int], *, lazy: bool = False) -> None:
+    def __init__(self, model_dir: Path, layers: list[int], *, window: int | None = None) -> None:
         config = read_config(model_dir)
         model_type = config.get("model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -107,16 +122,46 @@ class Stage:
             strict=True,
             get_model_classes=_stage_model_classes(set(self.layers), total),
         )
-        if not lazy:
-            mx.eval(self.model.parameters())
         self.inner = self.model.model
+        # Keep `window` layers resident and stream the rest (dnet/weights.py), or all of them.
+        self.window = min(window or len(self.layers), len(self.layers))
+        self._weights: LayerWindow | None = None
+        if self.window < len(self.layers):
+            self._layer_files = _layer_files(model_dir, self.layers)
+            mx.eval([w for name, w in tree_flatten(self.model.parameters())
+                     if not name.startswith("model.layers.")])
+            self._weights = LayerWindow({i: self.inner.layers[i] for i in self.layers},
+                                        self._read_layer, self.window)
+            self._weights.warm()
+        else:
+            mx.eval(self.model.parameters())
         self.holds_embedding = 0 in self.layers
         self.holds_head = total - 1 in self.layers
         self.hidden_size = int(config["hidden_size"])
         self.max_context = int(config.get("max_position_embeddings") or 4096)
         self.model_type = model_type
         self._sliding_window = getattr(self.inner, "sliding_window", None)
-        log.info("loaded layers %s of %d (%s)", format_layers(self.layers), total, model_type)
+        log.info("loaded layers %s of %d (%s), %s", format_layers(self.layers), total,
+                 model_type, f"window {self.window}, streaming the rest from disk"
+                 if self._weights else "all resident")
+
+    def close(self) -> None:
+        if self._weights is not None:
+            self._weights.close()
+
+    @property
+    def streaming(self) -> bool:
+        return self._weights is not None
+
+    def _read_layer(self, layer: int) -> dict[str, mx.array]:
+        """Lazy arrays of one layer's weights, named relative to the layer module."""
+        prefix = f"model.layers.{layer}."
+        weights: dict[str, mx.array] = {}
+        for file in self._layer_files[layer]:
+            weights.update({name: w for name, w in mx.load(str(file)).items()
+                            if name.startswith(prefix)})
+        weights = self.model.sanitize(weights)
+        return {name[len(prefix):]: w for name, w in weights.items()}
 
     def run_end(self, start: int) -> int:
         """The layer after the contiguous run that starts at `start`; KeyError if not held."""
@@ -140,11 +185,16 @@ class Stage:
         end = self._run_end[start]
         masks: dict[int | None, Any] = {}
         for i in range(start, end):
+            if self._weights is not None:
+                self._weights.acquire(i)
             layer = self.inner.layers[i]
             window = self._sliding_window if getattr(layer, "use_sliding", False) else None
             if window not in masks:
                 masks[window] = create_attention_mask(h, caches[i], window_size=window)
             h = layer(h, masks[window], caches[i])
+            if self._weights is not None:
+                mx.eval(h)  # the layer's weights may leave only once its output exists
+                self._weights.release(i)
         return h, end
 
     def logits(self, h: mx.array) -> mx.array:

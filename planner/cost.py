@@ -2,11 +2,14 @@
 
 For each device i holding h_i layers with window w_i (layers resident at once):
     compute_i = h_i * F_layer / flops_i  (+ F_head / flops_i on the device holding the head)
-    disk_i    = (h_i - w_i) * B_layer / disk_read_bytes_per_s_i
+    disk_i    = streamed(h_i, w_i) * B_layer / disk_read_bytes_per_s_i
     network_i = sum over hops that i sends of latency(i -> receiver)
     memory_i  = reserve + w_i * B_layer + h_i * context * KV_layer + embedding/head bytes held
               <= memory_budget_bytes_i
-and the time per token is the sum over devices of compute + disk + network. A hop is every
+where streamed(h, w) = 0 if w >= h, else h - max(w - 2, 0): the engine (dnet/weights.py)
+pins w - 2 layers and streams the rest through two slots, the one computing and the one being
+prefetched, so a device short of memory reloads h - w + 2 layers per token (all h when w <= 2).
+The time per token is the sum over devices of compute + disk + network. A hop is every
 change of device between consecutive layers, plus the tail feeding the head for the next token.
 `evaluate_candidate` computes this from explicit layer lists by walking the layers; the solver
 uses the same per-device formulas in vectorised form (`tables`).
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.devices import DeviceProfile, PlanOptions
 from planner.model_profile import ModelProfile
@@ -94,8 +99,18 @@ def largest_window(
     return min(layers_held, free // model.bytes_per_layer)
 
 
+STREAMING_SLOTS = 2  # layers in flight when streaming: the one computing, the one loading
+
+
+def streamed_layers(layers_held, window):
+    """Layers a device reloads from disk per token; works on ints and NumPy arrays alike."""
+    pinned = np.maximum(window - STREAMING_SLOTS, 0)
+    return np.where(window >= layers_held, 0, layers_held - pinned)
+
+
 def disk_time_s(model: ModelProfile, device: DeviceProfile, layers_held: int, window: int) -> float:
-    return (layers_held - window) * model.bytes_per_layer / device.disk_read_bytes_per_s
+    streamed = int(streamed_layers(layers_held, window))
+    return streamed * model.bytes_per_layer / device.disk_read_bytes_per_s
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ class DevicePlan:
 
     @property
     def streamed_layers(self) -> int:
-        return len(self.layers) - self.window
+        held = len(self.layers)
+        return 0 if self.window >= held else held - max(self.window - 2, 0)
 
     @property
     def total_ms(self) -> float:

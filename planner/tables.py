@@ -82,7 +82,7 @@ def option_tables(
     window = np.broadcast_to(window, run.shape)
     smallest_window = run if options.window_covers_run else np.ones_like(run)
     fits = reachable & (window >= smallest_window) & (window >= 1)
-    time_s = held * cost.layer_time_s(model, device) + (held - window) * (
+    time_s = held * cost.layer_time_s(model, device) + cost.streamed_layers(held, window) * (
         layer_bytes / device.disk_read_bytes_per_s
     )
     if holds_head:

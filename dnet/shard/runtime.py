@@ -70,13 +70,12 @@ class _Control:
 
 class ShardRuntime:
     def __init__(self, load_stage: Callable[[], Stage], router: Router, *, model_name: str,
-                 kv_ttl_s: float = DEFAULT_KV_TTL_S, window: int | None = None) -> None:
+                 kv_ttl_s: float = DEFAULT_KV_TTL_S) -> None:
         self._load_stage = load_stage
         self.stage: Stage  # set by the compute thread in start()
         self.router = router
         self.model_name = model_name
         self.kv_ttl_s = kv_ttl_s
-        self.window = window
         self.vocab_size = 0
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
@@ -105,6 +104,8 @@ class ShardRuntime:
         self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout=5)
+        if self._loaded.is_set() and self._load_error is None:
+            self.stage.close()
         self._frames_out.close()
         self._tokens_out.close()
 
@@ -177,7 +178,6 @@ class ShardRuntime:
         try:
             self.stage = self._load_stage()
             self.vocab_size = int(self.stage.config["vocab_size"])
-            self.window = self.window or len(self.stage.layers)
         except BaseException as exc:  # handed to start(), which raises it in the caller
             self._load_error = exc
             return

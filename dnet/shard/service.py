@@ -51,7 +51,7 @@ class ShardService(pb_grpc.RingServicer):
         return pb.HealthReply(
             role="shard", model=self.runtime.model_name, layers=stage.layers,
             num_layers=stage.num_layers, active_requests=self.runtime.active_requests,
-            version=__version__, hidden_size=stage.hidden_size, window=self.runtime.window,
+            version=__version__, hidden_size=stage.hidden_size, window=stage.window,
         )
 
 
@@ -59,11 +59,8 @@ def run_shard(model: str, model_dir: Path, layers: list[int], host: str, port: i
               next_address: str, window: int | None, kv_ttl_s: float,
               stop: threading.Event) -> None:
     """Load the layers, serve the ring until `stop` is set."""
-    if window is not None and window < len(layers):
-        log.warning("prefetch window %d is smaller than the %d layers held; all layers stay "
-                    "resident", window, len(layers))
-    runtime = ShardRuntime(lambda: Stage(model_dir, layers), ManualRouter(next_address),
-                           model_name=model, kv_ttl_s=kv_ttl_s, window=window)
+    runtime = ShardRuntime(lambda: Stage(model_dir, layers, window=window),
+                           ManualRouter(next_address), model_name=model, kv_ttl_s=kv_ttl_s)
     runtime.start()
     server, bound = start_server(ShardService(runtime), host, port)
     log.info("shard ready on %s:%d, layers %s, next hop %s", host, bound, layers, next_address)

@@ -64,7 +64,9 @@ def device_work_ms(
     model: ModelProfile, device: DeviceProfile, held: int, window: int, last: bool
 ) -> float:
     flops = held * max(model.layer_flops_per_token) + (model.head_flops_per_token if last else 0)
-    disk_bytes = (held - window) * max(model.layer_bytes)
+    # The engine pins window - 2 layers and streams the rest through two slots.
+    reloaded = 0 if window >= held else held - max(window - 2, 0)
+    disk_bytes = reloaded * max(model.layer_bytes)
     return 1000.0 * (flops / device.flops + disk_bytes / device.disk_read_bytes_per_s)
 
 
