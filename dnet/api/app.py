@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dnet import __version__
 from dnet.api.completion import (
@@ -37,12 +39,69 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 DISCONNECT_POLL_S = 0.5
 
 
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with a 413, counting what really arrives.
+
+    Pure ASGI rather than an @app.middleware: Starlette's BaseHTTPMiddleware hides client
+    disconnects from the handler, and a declared content-length can be absent (chunked).
+    The body is read here (FastAPI reads it whole anyway) and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # from here on: disconnects, seen by the handler
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        error = ApiError(413, f"request body over {self.max_bytes} bytes")
+        payload = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
 def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = None) -> FastAPI:
     app = FastAPI(title="dnet", version=__version__)
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own errors (unknown route, wrong method, unreadable body) in OpenAI's shape.
+        return ApiError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,13 +110,6 @@ def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = No
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get(
             "msg", "invalid request")
         return ApiError(400, message, param=where or None).response()
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Any]]):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return ApiError(413, f"request body over {MAX_BODY_BYTES} bytes").response()
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

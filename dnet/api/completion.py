@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mlx_lm.tokenizer_utils import _byte_decoder
+
 from dnet.api.schema import ApiError, ChatRequest, CompletionRequest, SamplingFields
 from dnet.api.textstream import TextStream
 from dnet.proto import dnet_ring_pb2 as pb
@@ -154,10 +156,23 @@ async def pieces(backend: Backend, job: Job, totals: Totals) -> AsyncIterator[Pi
         yield Piece(delta, ids, logprobs)
 
 
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """A token's own bytes, which may be part of a multi-byte character."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        byte_level = _byte_decoder()
+        if all(c in byte_level for c in piece):  # GPT-2 style byte-level BPE
+            return bytes(byte_level[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+    return tokenizer.decode([token_id]).encode()
+
+
 def _logprob_entry(backend: Backend, token: int, logprob: float, top) -> dict[str, Any]:
     def describe(token_id: int, value: float) -> dict[str, Any]:
-        piece = backend.tokenizer.decode([token_id])
-        return {"token": piece, "logprob": value, "bytes": list(piece.encode())}
+        raw = token_bytes(backend.tokenizer, token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": value,
+                "bytes": list(raw)}
 
     entry = describe(token, logprob)
     entry["top_logprobs"] = [describe(i, v) for i, v in top]

@@ -271,3 +271,294 @@ class Ring:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ControlStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Measure = channel.unary_unary(
+                '/dnet.ring.v1.Control/Measure',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.MeasureRequest.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.DeviceInfo.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/dnet.ring.v1.Control/Drain',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.DrainRequest.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/dnet.ring.v1.Control/Prepare',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.PlanRequest.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.PrepareReply.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/dnet.ring.v1.Control/Commit',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/dnet.ring.v1.Control/Status',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.StatusRequest.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.NodeStatus.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/dnet.ring.v1.Control/LoadModel',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.PrepareReply.FromString,
+                _registered_method=True)
+
+
+class ControlServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Measure(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Stop admitting requests for the old plan, let in-flight ones finish (or fail them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prepare(self, request, context):
+        """Load the layers of a new plan; answers once they are loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Every member is ready: switch to the new plan's ring.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Ask the coordinator to switch the cluster's model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Measure': grpc.unary_unary_rpc_method_handler(
+                    servicer.Measure,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.MeasureRequest.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.DeviceInfo.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.DrainRequest.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.PlanRequest.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.PrepareReply.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.StatusRequest.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.NodeStatus.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.LoadModelRequest.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.PrepareReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dnet.ring.v1.Control', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dnet.ring.v1.Control', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Control:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Measure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.Control/Measure',
+            dnet_dot_proto_dot_dnet__ring__pb2.MeasureRequest.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.DeviceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.Control/Drain',
+            dnet_dot_proto_dot_dnet__ring__pb2.DrainRequest.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.Control/Prepare',
+            dnet_dot_proto_dot_dnet__ring__pb2.PlanRequest.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.PrepareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.Control/Commit',
+            dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.Control/Status',
+            dnet_dot_proto_dot_dnet__ring__pb2.StatusRequest.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.Control/LoadModel',
+            dnet_dot_proto_dot_dnet__ring__pb2.LoadModelRequest.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.PrepareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
