@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -133,6 +134,86 @@ def run_demo_command(args: argparse.Namespace) -> int:
                     serve=not args.once)
 
 
+def add_join_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("DNET_MODEL", ""),
+                   help="the model this node proposes for the cluster (path or HF repo id)")
+    p.add_argument("--name", default=os.environ.get("DNET_NAME", ""),
+                   help="a human name for this node (default: dnet-<id>)")
+    p.add_argument("--host", default=os.environ.get("DNET_HOST"),
+                   help="address to advertise and bind (default: all interfaces, advertising "
+                        "the LAN address); 127.0.0.1 keeps a mesh on this machine")
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("DNET_HTTP_PORT", 8080)))
+    p.add_argument("--grpc-port", type=int, default=int(os.environ.get("DNET_GRPC_PORT", 50501)))
+    p.add_argument("--memory-budget", default=os.environ.get("DNET_MEMORY_BUDGET"),
+                   help="memory this node gives to weights and KV cache, e.g. 8GB or 512MB "
+                        "(default: Metal's working set less 2 GiB on macOS, else 80%% of "
+                        "available RAM)")
+    p.add_argument("--cluster-key", default=os.environ.get("DNET_CLUSTER_KEY"),
+                   help="only nodes with the same key form a ring")
+    p.add_argument("--state-dir", default=os.environ.get("DNET_STATE_DIR", "~/.config/dnet"),
+                   help="where the node id is kept (default ~/.config/dnet)")
+    p.add_argument("--context", type=int, default=4096,
+                   help="tokens of KV cache the plan reserves per request (default 4096)")
+    p.add_argument("--kv-ttl", type=float, default=300.0)
+
+
+def run_join_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dnet.node.node import JoinOptions, Node
+    from dnet.node.profiling import parse_size
+
+    try:
+        budget = parse_size(args.memory_budget) if args.memory_budget else None
+    except ValueError as exc:
+        print(f"dnet join: --memory-budget: {exc}", file=sys.stderr)
+        return 2
+    options = JoinOptions(model=args.model, name=args.name, host=args.host,
+                          http_port=args.http_port, grpc_port=args.grpc_port,
+                          memory_budget_bytes=budget, cluster_key=args.cluster_key,
+                          state_dir=Path(args.state_dir), kv_ttl_s=args.kv_ttl,
+                          context_tokens=args.context)
+    try:
+        node = Node(options)
+    except (OSError, ValueError) as exc:
+        print(f"dnet join: {exc}", file=sys.stderr)
+        return 1
+    try:
+        node.serve_http()
+    finally:
+        node.close()
+    return 0
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", default=os.environ.get("DNET_API"),
+                   help="any node's HTTP address (default: find the mesh over mDNS)")
+    p.add_argument("--host", default=os.environ.get("DNET_HOST"),
+                   help="interface address to browse mDNS on (e.g. 127.0.0.1)")
+    p.add_argument("--json", action="store_true", help="print the topology as JSON")
+    p.add_argument("--watch", action="store_true", help="keep the view live")
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    from dnet.status import run_status
+
+    return run_status(api=args.api, host=args.host, as_json=args.json, watch=args.watch)
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory or HF repo id to run on the cluster")
+    p.add_argument("--api", default=os.environ.get("DNET_API"),
+                   help="any node's HTTP address (default: find the mesh over mDNS)")
+    p.add_argument("--host", default=os.environ.get("DNET_HOST"),
+                   help="interface address to browse mDNS on (e.g. 127.0.0.1)")
+
+
+def run_load_command(args: argparse.Namespace) -> int:
+    from dnet.status import run_load
+
+    return run_load(args.model, api=args.api, host=args.host)
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -163,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a local ring on a generated model, no network needed")
     add_demo_arguments(demo)
     demo.set_defaults(run=run_demo_command)
+
+    join = sub.add_parser("join", help="join the mesh on this machine (zero-config)")
+    add_join_arguments(join)
+    join.set_defaults(run=run_join_command)
+
+    status = sub.add_parser("status", help="show the mesh: nodes, ring, layers, memory")
+    add_status_arguments(status)
+    status.set_defaults(run=run_status_command)
+
+    load = sub.add_parser("load", help="switch the cluster to another model")
+    add_load_arguments(load)
+    load.set_defaults(run=run_load_command)
 
     from dnet.plan_cli import add_plan_arguments, run_plan
 

@@ -121,8 +121,9 @@ def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = No
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        names = [backend.model_name] if backend.model_name else []
         return {"object": "list", "data": [
-            {"id": backend.model_name, "object": "model", "created": 0, "owned_by": "dnet"}]}
+            {"id": name, "object": "model", "created": 0, "owned_by": "dnet"} for name in names]}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -33,6 +35,30 @@ class Timeouts:
     next_token_s: float = 120.0
 
 
+class DecodeStats:
+    """Recent decode speed seen by this entry: a moving average of the time between tokens."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self.seconds_per_token = 0.0
+
+    def token(self, request_id: str, index: int) -> None:
+        now = time.monotonic()
+        previous = self._last.get(request_id)
+        self._last[request_id] = now
+        if previous is not None and index > 0:
+            gap = now - previous
+            self.seconds_per_token = (gap if not self.seconds_per_token
+                                      else 0.8 * self.seconds_per_token + 0.2 * gap)
+
+    def done(self, request_id: str) -> None:
+        self._last.pop(request_id, None)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.seconds_per_token if self.seconds_per_token else 0.0
+
+
 class RingError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -42,17 +68,53 @@ class RingError(Exception):
 
 class RingEntry:
     def __init__(self, head: str, *, timeouts: Timeouts | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, epoch: int = 0) -> None:
         self.head = head
+        self.epoch = epoch
         self.address = ""  # our token sink, host:port; set once its server listens
         self.timeouts = timeouts or Timeouts()
         self.prefill_chunk = prefill_chunk
         self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[pb.Token],
                                        str]] = {}
         self._links = LinkPool(open_frames, self._on_rejected, self._on_broken)
+        # Closed while the mesh re-plans: new requests wait, so none starts on a half-built
+        # ring. Manual mode never closes it.
+        self._admitting = threading.Event()
+        self._admitting.set()
+        self.admission_timeout_s = 60.0
+        self.stats = DecodeStats()
 
     def close(self) -> None:
         self._links.close()
+
+    # ----- plan changes (mesh mode) ---------------------------------------------------
+
+    def pause(self) -> None:
+        self._admitting.clear()
+
+    def resume(self, head: str, epoch: int) -> None:
+        self.head, self.epoch = head, epoch
+        self._admitting.set()
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait for the requests in flight to end; fail those left after `timeout_s`.
+
+        Returns how many were failed. Call from a thread, never the event loop.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = list(self._pending)
+        for request_id in left:
+            self._fail(request_id, 503, "the mesh is re-planning; please retry")
+        return len(left)
+
+    async def _admitted(self) -> None:
+        deadline = time.monotonic() + self.admission_timeout_s
+        while not self._admitting.is_set():
+            if time.monotonic() > deadline:
+                raise RingError(503, "the mesh is re-planning; please retry")
+            await asyncio.sleep(0.05)
 
     @property
     def active_requests(self) -> int:
@@ -63,12 +125,14 @@ class RingEntry:
         """Tokens of one completion, in order; raises RingError when the ring fails it."""
         if not self.address:
             raise RingError(503, "the token sink is not listening yet")
+        await self._admitted()
         request_id = request_id or uuid.uuid4().hex
-        head = self.head
+        head, epoch = self.head, self.epoch
         tokens: asyncio.Queue[pb.Token] = asyncio.Queue()
         self._pending[request_id] = (asyncio.get_running_loop(), tokens, head)
         try:
             for frame in self._prompt_frames(request_id, head, prompt, sampling):
+                frame.epoch = epoch
                 self._links.send(head, frame)
             expected = 0
             timeout = self.timeouts.first_token_s
@@ -83,14 +147,16 @@ class RingEntry:
                     continue  # a duplicate can only be stale; never emit a token twice
                 expected = token.index + 1
                 timeout = self.timeouts.next_token_s
+                self.stats.token(request_id, token.index)
                 yield token
                 if token.finish_reason:
                     return
         finally:
             self._pending.pop(request_id, None)
+            self.stats.done(request_id)
             try:
                 self._links.send(head, pb.Frame(request_id=request_id, kind=pb.RELEASE,
-                                                next_layer=0, head=head))
+                                                next_layer=0, head=head, epoch=epoch))
             except ConnectionError as exc:
                 log.debug("could not release %s: %s", request_id, exc)
 

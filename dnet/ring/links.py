@@ -165,15 +165,22 @@ class LinkPool:
             link.close()
 
 
-def start_server(servicer: pb_grpc.RingServicer, host: str, port: int,
-                 max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """Serve the Ring service on host:port (0 picks a free port); returns (server, port)."""
+def start_server(services: pb_grpc.RingServicer | list[tuple[Callable, Any]], host: str,
+                 port: int, max_workers: int = 32) -> tuple[grpc.Server, int]:
+    """Serve a Ring servicer (or (add_to_server, servicer) pairs) on host:port; 0 picks a
+    free port. Returns (server, port)."""
     from concurrent import futures
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=SERVER_OPTIONS)
-    pb_grpc.add_RingServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if not isinstance(services, list):
+        services = [(pb_grpc.add_RingServicer_to_server, services)]
+    for add_to_server, servicer in services:
+        add_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # newer grpc raises instead of returning 0
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (address in use?)")
     server.start()

@@ -80,3 +80,19 @@ class ManualRouter:
         if reply.role != "shard":
             raise RouteError(f"next hop {self.next_address} is not a dnet shard")
         return True
+
+
+class MeshRouter:
+    """Mesh mode: the plan names the holder of every layer."""
+
+    def __init__(self, owners: dict[int, str]) -> None:
+        self.owners = owners
+
+    def address_for(self, layer: int, frame: pb.Frame) -> str:
+        address = self.owners.get(layer)
+        if address is None:
+            raise RouteError(f"the plan assigns layer {layer} to no node")
+        return address
+
+    def forget(self, address: str) -> None:
+        """Nothing to re-resolve: the coordinator re-plans when a node goes."""

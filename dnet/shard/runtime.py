@@ -70,10 +70,11 @@ class _Control:
 
 class ShardRuntime:
     def __init__(self, load_stage: Callable[[], Stage], router: Router, *, model_name: str,
-                 kv_ttl_s: float = DEFAULT_KV_TTL_S) -> None:
+                 kv_ttl_s: float = DEFAULT_KV_TTL_S, epoch: int = 0) -> None:
         self._load_stage = load_stage
         self.stage: Stage  # set by the compute thread in start()
         self.router = router
+        self.epoch = epoch  # frames of other plan epochs are refused: no mixing of rings
         self.model_name = model_name
         self.kv_ttl_s = kv_ttl_s
         self.vocab_size = 0
@@ -113,12 +114,26 @@ class ShardRuntime:
     def active_requests(self) -> int:
         return len(self._requests)
 
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and self._load_error is None
+
+    def retarget(self, router: Router, epoch: int) -> None:
+        """Serve a new plan epoch with the same layers: keep the weights, drop the requests."""
+        self._inbox.put(_Control("retarget", reason=str(epoch)))
+        self.router = router
+        self.epoch = epoch
+
     # ----- called from gRPC threads ----------------------------------------------------
 
     def accept(self, frame: pb.Frame) -> None:
         """Validate a frame and queue it for the compute thread; raises FrameRejected."""
         if not frame.request_id:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "frame has no request_id")
+        if frame.epoch != self.epoch:
+            raise FrameRejected(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"frame of plan epoch {frame.epoch}; this shard serves "
+                                f"epoch {self.epoch}")
         if frame.kind == pb.RELEASE:
             self._inbox.put(frame)
             return
@@ -158,7 +173,7 @@ class ShardRuntime:
     def release(self, request_id: str, propagate: bool, head: str = "") -> None:
         self._inbox.put(pb.Frame(request_id=request_id, kind=pb.RELEASE,
                                  next_layer=self.stage.layers[0] if propagate else -1,
-                                 head=head))
+                                 head=head, epoch=self.epoch))
 
     # ----- link callbacks (link threads) -> compute thread -----------------------------
 
@@ -313,10 +328,12 @@ class ShardRuntime:
             log.warning("cannot pass on the release of %s: %s", frame.request_id, exc)
             return
         self._frames_out.send(address, pb.Frame(request_id=frame.request_id, kind=pb.RELEASE,
-                                                next_layer=end, head=frame.head))
+                                                next_layer=end, head=frame.head,
+                                                epoch=frame.epoch))
 
     def _release_everywhere(self, request_id: str, head: str) -> None:
-        release = pb.Frame(request_id=request_id, kind=pb.RELEASE, next_layer=0, head=head)
+        release = pb.Frame(request_id=request_id, kind=pb.RELEASE, next_layer=0, head=head,
+                           epoch=self.epoch)
         if self.stage.holds_embedding:
             self._handle_release(release)
         else:
@@ -340,7 +357,10 @@ class ShardRuntime:
                 request_id=request_id, error=message, error_code=code))
 
     def _handle_control(self, control: _Control) -> None:
-        if control.kind == "rejected":
+        if control.kind == "retarget":
+            for request_id in list(self._requests):
+                self._drop(request_id)
+        elif control.kind == "rejected":
             self._fail(control.request_id, 500, f"next shard rejected a frame: {control.reason}")
         elif control.kind == "link_broken":
             self.router.forget(control.address)

@@ -1,0 +1,118 @@
+"""A mesh node's gRPC services: the ring (its shard and its entry's token sink) and control."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from dnet import __version__
+from dnet.proto import dnet_ring_pb2 as pb
+from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.shard.runtime import FrameRejected
+
+if TYPE_CHECKING:
+    from dnet.node.node import Node
+
+log = logging.getLogger(__name__)
+
+
+class NodeRingService(pb_grpc.RingServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def _runtime(self, context: grpc.ServicerContext):
+        runtime = self.node.host.runtime
+        if runtime is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this node holds no layers in the current plan")
+        return runtime
+
+    def Forward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Empty:
+        try:
+            self._runtime(context).accept(request)
+        except FrameRejected as exc:
+            context.abort(exc.code, exc.message)
+        return pb.Empty()
+
+    def Frames(self, request_iterator: Iterator[pb.Frame],
+               context: grpc.ServicerContext) -> Iterator[pb.FrameStatus]:
+        for frame in request_iterator:
+            runtime = self.node.host.runtime
+            try:
+                if runtime is None:
+                    raise FrameRejected(grpc.StatusCode.FAILED_PRECONDITION,
+                                        "this node holds no layers in the current plan")
+                runtime.accept(frame)
+            except FrameRejected as exc:
+                log.warning("rejected a frame of %s: %s", frame.request_id, exc.message)
+                yield pb.FrameStatus(request_id=frame.request_id, code=exc.code.value[0],
+                                     message=exc.message)
+
+    def Tokens(self, request_iterator: Iterator[pb.Token],
+               context: grpc.ServicerContext) -> Iterator[pb.Empty]:
+        for token in request_iterator:
+            self.node.entry.deliver(token)
+        return iter(())
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._runtime(context).release(request.request_id, request.propagate)
+        return pb.Empty()
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        host = self.node.host
+        runtime = host.runtime
+        reply = pb.HealthReply(
+            role="node", model=host.plan.model if host.plan else "", version=__version__,
+            node_id=self.node.node_id, epoch=host.epoch,
+            leads_epoch=self.node.coordinator.leads_epoch if self.node.coordinator.is_me else 0,
+            active_requests=runtime.active_requests if runtime else 0,
+        )
+        if runtime is not None and runtime.ready:
+            reply.layers.extend(runtime.stage.layers)
+            reply.num_layers = runtime.stage.num_layers
+            reply.hidden_size = runtime.stage.hidden_size
+            reply.window = runtime.stage.window
+        return reply
+
+
+class ControlService(pb_grpc.ControlServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def Measure(self, request: pb.MeasureRequest,
+                context: grpc.ServicerContext) -> pb.DeviceInfo:
+        info = self.node.device_info()
+        if info is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "still measuring this device")
+        return info
+
+    def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self.node.host.drain(request.timeout_s)
+        return pb.Empty()
+
+    def Prepare(self, request: pb.PlanRequest,
+                context: grpc.ServicerContext) -> pb.PrepareReply:
+        try:
+            self.node.host.prepare(request)
+        except Exception as exc:  # any load failure goes back to the coordinator, named
+            log.exception("could not prepare epoch %d", request.epoch)
+            return pb.PrepareReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+        return pb.PrepareReply(ok=True)
+
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.Empty:
+        try:
+            self.node.host.commit(request.epoch)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.Empty()
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.NodeStatus:
+        return self.node.status()
+
+    def LoadModel(self, request: pb.LoadModelRequest,
+                  context: grpc.ServicerContext) -> pb.PrepareReply:
+        error = self.node.load_model(request.model)
+        return pb.PrepareReply(ok=not error, error=error)

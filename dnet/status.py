@@ -1,0 +1,130 @@
+"""`dnet status` and `dnet load`: talk to any node of the mesh, found over mDNS if need be."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from dnet.model_files import format_layers
+
+BROWSE_S = 3.0
+
+
+class MeshNotFound(RuntimeError):
+    pass
+
+
+def find_api(api: str | None, host: str | None) -> str:
+    """The base URL of a node: the one given, or the first a short mDNS browse turns up."""
+    if api:
+        return api if api.startswith("http") else f"http://{api}"
+    from discovery.mdns import browse_once
+
+    found = browse_once(host, BROWSE_S)
+    if not found:
+        where = f" on {host}" if host else ""
+        raise MeshNotFound(f"no dnet node answered over mDNS{where} within {BROWSE_S:.0f} s; "
+                           "is `dnet join` running? (or pass --api HOST:PORT)")
+    return sorted(found, key=lambda info: info.started_at)[0].http_url
+
+
+def fetch_topology(url: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/v1/topology", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def render(topology: dict[str, Any]) -> Group:
+    title = (f"model {topology['model'] or '(none)'}  ·  epoch {topology['epoch']}  ·  "
+             f"coordinator {topology['coordinator'] or '(electing)'}")
+    table = Table(title=title, title_justify="left")
+    for column in ("", "node", "address", "layers", "window", "memory used / budget",
+                   "tok/s", "health"):
+        table.add_column(column)
+    ring = topology["ring"]
+    ordered = sorted(topology["nodes"], key=lambda n: (ring.index(n["id"]) if n["id"] in ring
+                                                       else len(ring), n["id"]))
+    for node in ordered:
+        position = str(ring.index(node["id"]) + 1) if node["id"] in ring else "-"
+        marker = " ★" if node["coordinator"] else ""
+        used = node["memory_used_bytes"]
+        memory = (f"{_gib(used)} / {_gib(node['memory_budget_bytes'])}" if used is not None
+                  else f"? / {_gib(node['memory_budget_bytes'])}")
+        window = (f"{node['window']} (streams)" if node["streaming"]
+                  else str(node["window"] or "-"))
+        rate = node["decode_tokens_per_s"]
+        table.add_row(position, f"{node['name']} ({node['id']}){marker}",
+                      f"{node['address']}:{node['http_port']}",
+                      format_layers(node["layers"]) or "entry only", window, memory,
+                      f"{rate:.1f}" if rate else "-",
+                      Text("ok", "green") if node["healthy"] else Text("down", "red"))
+    lines = [table]
+    predicted, measured = topology.get("predicted_ms_per_token"), topology.get(
+        "measured_ms_per_token")
+    if predicted or measured:
+        lines.append(Text(
+            f"predicted {_rate(predicted)} tok/s, measured {_rate(measured)} tok/s"))
+    if topology.get("last_error"):
+        lines.append(Text(f"coordinator: {topology['last_error']}", "red"))
+    return Group(*lines)
+
+
+def _gib(value: int | None) -> str:
+    value = value or 0
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
+
+
+def _rate(ms_per_token: float | None) -> str:
+    return f"{1000.0 / ms_per_token:.1f}" if ms_per_token else "-"
+
+
+def run_status(api: str | None, host: str | None, as_json: bool, watch: bool) -> int:
+    console = Console()
+    try:
+        url = find_api(api, host)
+        topology = fetch_topology(url)
+    except (MeshNotFound, httpx.HTTPError) as exc:
+        print(f"dnet status: {exc}", file=sys.stderr)
+        return 1
+    if as_json and not watch:
+        print(json.dumps(topology, indent=2))
+        return 0
+    if not watch:
+        console.print(render(topology))
+        return 0
+    with Live(render(topology), console=console, refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(1.0)
+                try:
+                    live.update(render(fetch_topology(url)))
+                except httpx.HTTPError as exc:
+                    live.update(Text(f"{url} is not answering: {exc}", "red"))
+        except KeyboardInterrupt:
+            return 0
+
+
+def run_load(model: str, api: str | None, host: str | None) -> int:
+    try:
+        url = find_api(api, host)
+        response = httpx.post(f"{url}/v1/models/load", json={"model": model}, timeout=None)
+    except (MeshNotFound, httpx.HTTPError) as exc:
+        print(f"dnet load: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        message = response.json().get("error", {}).get("message", response.text)
+        print(f"dnet load: {message}", file=sys.stderr)
+        return 1
+    print(f"the cluster now runs {model} (epoch {response.json()['epoch']})")
+    return 0
