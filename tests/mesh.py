@@ -6,6 +6,7 @@ Every process is stopped by its pid; `LocalMesh.stop()` runs from the fixtures' 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -47,6 +48,8 @@ class LocalMesh:
     root: Path
     model: str
     nodes: list[MeshNode] = field(default_factory=list)
+    # Meshes of concurrent test runs on one machine must not merge: each gets its own key.
+    cluster_key: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def add(self, name: str, *, budget: str, host: str = "127.0.0.1", propose: bool = True,
             prefix: list[str] | None = None, extra: list[str] | None = None,
@@ -59,6 +62,7 @@ class LocalMesh:
         command = [*(prefix or []), sys.executable, "-m", "dnet.cli", "join", "--host", host,
                    "--http-port", str(http_port), "--grpc-port", str(grpc_port),
                    "--memory-budget", budget, "--name", name, "--state-dir", str(state_dir),
+                   "--cluster-key", self.cluster_key,
                    *(["--model", self.model] if propose else []), *(extra or [])]
         with open(log, "ab") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,

@@ -59,6 +59,7 @@ class Node:
         self.host = EpochHost(self.node_id, self.entry, kv_ttl_s=options.kv_ttl_s)
         self._device: pb.DeviceInfo | None = None
         self._stopping = threading.Event()
+        self.coordinator: Coordinator | None = None  # peers may ask before it exists
         bind = options.host or "0.0.0.0"
         self.grpc_server, _ = start_server(self._services(), bind, options.grpc_port)
         self.address = options.host or local_address_towards("192.0.2.1")
@@ -111,6 +112,10 @@ class Node:
 
     # ----- called by the services and the API --------------------------------------------
 
+    def leads_epoch(self) -> int:
+        coordinator = self.coordinator
+        return coordinator.leads_epoch if coordinator is not None and coordinator.is_me else 0
+
     def device_info(self) -> pb.DeviceInfo | None:
         if self._device is None:
             return None
@@ -139,7 +144,7 @@ class Node:
 
     def load_model(self, model: str) -> str:
         """Switch the cluster's model, through the coordinator; returns an error or ""."""
-        coordinator = self.coordinator.coordinator_id
+        coordinator = self.coordinator.coordinator_id if self.coordinator else None
         if coordinator is None:
             return "no coordinator is elected yet"
         if coordinator == self.node_id:

@@ -67,7 +67,7 @@ class NodeRingService(pb_grpc.RingServicer):
         reply = pb.HealthReply(
             role="node", model=host.plan.model if host.plan else "", version=__version__,
             node_id=self.node.node_id, epoch=host.epoch,
-            leads_epoch=self.node.coordinator.leads_epoch if self.node.coordinator.is_me else 0,
+            leads_epoch=self.node.leads_epoch(),
             active_requests=runtime.active_requests if runtime else 0,
         )
         if runtime is not None and runtime.ready:
