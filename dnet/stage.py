@@ -195,6 +195,11 @@ class Stage:
             if self._weights is not None:
                 mx.eval(h)  # the layer's weights may leave only once its output exists
                 self._weights.release(i)
+            elif i < end - 1:
+                # Compute this layer while Python builds the next one's graph: the overlap
+                # mlx-lm gets from async_eval across whole steps, within one stage. The last
+                # layer is left to the caller, who may need only its KV cache (a prefill).
+                mx.async_eval(h)
         return h, end
 
     def logits(self, h: mx.array) -> mx.array:

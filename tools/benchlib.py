@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -17,9 +19,21 @@ class StreamTiming:
     decode_tok_s: float  # (n - 1) / (t_last - t_first)
 
 
-def stream_completion(url: str, prompt: list[int], max_tokens: int,
-                      timeout_s: float = 600.0) -> StreamTiming:
-    """Stream one completion with EOS banned (fixed length) and time every token."""
+@dataclass
+class StreamTrace:
+    """When one streamed completion was sent and when each of its tokens arrived."""
+
+    started: float  # time.perf_counter() just before the request was sent
+    arrivals: list[float]  # time.perf_counter() of every token, in order
+
+    def timing(self) -> StreamTiming:
+        decode = (len(self.arrivals) - 1) / max(self.arrivals[-1] - self.arrivals[0], 1e-9)
+        return StreamTiming(self.arrivals[0] - self.started, len(self.arrivals), decode)
+
+
+def stream_trace(url: str, prompt: list[int], max_tokens: int,
+                 timeout_s: float = 600.0) -> StreamTrace:
+    """Stream one completion with EOS banned (fixed length), recording every token's arrival."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
             "return_token_ids": True}
     arrivals: list[float] = []
@@ -38,8 +52,34 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int,
                 arrivals.extend(now for _ in choice.get("token_ids", []))
     if len(arrivals) < 2:
         raise RuntimeError(f"expected {max_tokens} tokens, got {len(arrivals)}")
-    decode = (len(arrivals) - 1) / max(arrivals[-1] - arrivals[0], 1e-9)
-    return StreamTiming(arrivals[0] - started, len(arrivals), decode)
+    return StreamTrace(started, arrivals)
+
+
+def stream_completion(url: str, prompt: list[int], max_tokens: int,
+                      timeout_s: float = 600.0) -> StreamTiming:
+    """Stream one completion with EOS banned (fixed length) and time every token."""
+    return stream_trace(url, prompt, max_tokens, timeout_s).timing()
+
+
+def concurrent_traces(url: str, prompts: list[list[int]], max_tokens: int,
+                      timeout_s: float = 600.0) -> list[StreamTrace]:
+    """One thread per prompt, all released together, each streaming one completion."""
+    barrier = threading.Barrier(len(prompts))
+
+    def one(prompt: list[int]) -> StreamTrace:
+        barrier.wait(timeout=timeout_s)
+        return stream_trace(url, prompt, max_tokens, timeout_s)
+
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def aggregate_decode_tok_s(traces: list[StreamTrace]) -> float:
+    """Tokens decoded after each stream's first token, over the wall time from the earliest
+    first token to the latest last token: sum(n_i - 1) / (max(t_last) - min(t_first))."""
+    decoded = sum(len(t.arrivals) - 1 for t in traces)
+    span = max(t.arrivals[-1] for t in traces) - min(t.arrivals[0] for t in traces)
+    return decoded / max(span, 1e-9)
 
 
 def median(values: list[float]) -> float:

@@ -30,7 +30,7 @@ def encode(array: mx.array) -> pb.Tensor:
 
 
 def check(tensor: pb.Tensor, hidden_size: int) -> None:
-    """Raise TensorError unless the tensor is well-formed hidden states [1, tokens, hidden].
+    """Raise TensorError unless the tensor is well-formed hidden states [rows, tokens, hidden].
 
     No MLX here: it runs on gRPC threads, and MLX arrays belong to the thread that makes them.
     """
@@ -38,8 +38,8 @@ def check(tensor: pb.Tensor, hidden_size: int) -> None:
         raise TensorError(f"unsupported dtype {tensor.dtype!r}; "
                           f"expected one of {list(WIRE_DTYPES)}")
     shape = tuple(tensor.shape)
-    if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != hidden_size:
-        raise TensorError(f"hidden states must have shape [1, tokens, {hidden_size}]; "
+    if len(shape) != 3 or shape[0] < 1 or shape[1] < 1 or shape[2] != hidden_size:
+        raise TensorError(f"hidden states must have shape [rows, tokens, {hidden_size}]; "
                           f"got {list(shape)}")
     np_dtype = WIRE_DTYPES[tensor.dtype][1]
     expected = math.prod(shape) * np_dtype.itemsize

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,10 @@ from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import codec
 from dnet.ring.links import LinkPool, open_frames, open_tokens
 from dnet.sampling import TokenSampler
+from dnet.shard.frames import FrameRejected, Rows, check_frame, rows_of
+from dnet.shard.groups import GroupCaches
 from dnet.shard.router import RouteError, Router
+from dnet.shard.tail import Tail, TailState
 from dnet.stage import Cache, Stage
 
 log = logging.getLogger(__name__)
@@ -37,23 +41,21 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_TTL_S = 300.0
 TOMBSTONE_TTL_S = 600.0
 
-
-class FrameRejected(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["FrameRejected", "ShardRuntime"]
 
 
 @dataclass
 class ActiveRequest:
-    caches: dict[int, Cache]
+    # This request's own KV caches; None once they moved into a train's batch caches.
+    caches: dict[int, Cache] | None
     entry: str
     head: str
+    epoch: int
     sampler: TokenSampler | None  # only on the tail
     max_tokens: int
     eos_token_ids: frozenset[int]
-    generated: int = 0
+    positions: dict[int, int] = field(default_factory=dict)  # run start -> next KV position
+    tail: TailState = field(default_factory=TailState)
     last_used: float = field(default_factory=time.monotonic)
     sent_to: set[str] = field(default_factory=set)
 
@@ -87,6 +89,9 @@ class ShardRuntime:
         self._known: set[str] = set()
         self._released: dict[str, float] = {}
         self._ids_lock = threading.Lock()
+        self._groups = GroupCaches()
+        self._tail: Tail | None = None
+        self._identity = uuid.uuid4().hex[:12]  # counted by the tail to learn the stages
         self._frames_out = LinkPool(open_frames, self._on_frame_status, self._on_frames_broken)
         self._tokens_out = LinkPool(open_tokens, lambda _reply: None, self._on_entry_gone)
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
@@ -128,46 +133,25 @@ class ShardRuntime:
 
     def accept(self, frame: pb.Frame) -> None:
         """Validate a frame and queue it for the compute thread; raises FrameRejected."""
-        if not frame.request_id:
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "frame has no request_id")
-        if frame.epoch != self.epoch:
-            raise FrameRejected(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"frame of plan epoch {frame.epoch}; this shard serves "
-                                f"epoch {self.epoch}")
+        check_frame(frame, epoch=self.epoch, holds=self.stage.holds(frame.next_layer),
+                    layers=self.stage.layers, vocab_size=self.vocab_size,
+                    hidden_size=self.stage.hidden_size)
         if frame.kind == pb.RELEASE:
             self._inbox.put(frame)
             return
-        if not self.stage.holds(frame.next_layer):
-            raise FrameRejected(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"this shard does not hold layer {frame.next_layer} "
-                f"(it holds {self.stage.layers})",
-            )
-        if not frame.tokens:
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "frame carries no tokens")
-        if frame.next_layer == 0:
-            bad = [t for t in frame.tokens if not 0 <= t < self.vocab_size]
-            if bad:
-                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"token ids out of range 0..{self.vocab_size - 1}: {bad[:5]}")
-        else:
-            try:
-                codec.check(frame.hidden, self.stage.hidden_size)
-            except codec.TensorError as exc:
-                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-            if frame.hidden.shape[1] != len(frame.tokens):
-                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"{frame.hidden.shape[1]} hidden rows for "
-                                    f"{len(frame.tokens)} tokens")
+        members = list(frame.batch) or [frame.request_id]
         with self._ids_lock:
-            if frame.request_id in self._released:
-                return  # a late frame of a finished request
-            if frame.position == 0:
+            if frame.position == 0 and not frame.batch:
                 # Opens the request, or starts a later round of it on a multi-round ring.
+                if frame.request_id in self._released:
+                    return  # a late frame of a finished request
                 self._known.add(frame.request_id)
-            elif frame.request_id not in self._known:
-                raise FrameRejected(grpc.StatusCode.NOT_FOUND,
-                                    f"unknown request {frame.request_id}")
+            else:
+                unknown = [m for m in members if m not in self._known
+                           and m not in self._released]
+                if unknown:
+                    raise FrameRejected(grpc.StatusCode.NOT_FOUND,
+                                        f"unknown request {unknown[0]}")
         self._inbox.put(frame)
 
     def release(self, request_id: str, propagate: bool, head: str = "") -> None:
@@ -193,6 +177,9 @@ class ShardRuntime:
         try:
             self.stage = self._load_stage()
             self.vocab_size = int(self.stage.config["vocab_size"])
+            if self.stage.holds_head:
+                self._tail = Tail(self.stage, self._requests.get, self._send_step,
+                                  self._tokens_out.send)
         except BaseException as exc:  # handed to start(), which raises it in the caller
             self._load_error = exc
             return
@@ -214,105 +201,108 @@ class ShardRuntime:
                 else:
                     self._handle_activation(item)
             except Exception as exc:  # one request's failure must not stop the shard
-                request_id = getattr(item, "request_id", "")
-                log.exception("request %s failed on this shard", request_id)
-                self._fail(request_id, 500, f"shard error: {exc}")
+                request_ids = list(getattr(item, "batch", [])) or [
+                    getattr(item, "request_id", "")]
+                log.exception("request %s failed on this shard", ", ".join(request_ids))
+                for request_id in request_ids:
+                    self._fail(request_id, 500, f"shard error: {exc}")
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 next_sweep = time.monotonic() + 1.0
 
     def _handle_activation(self, frame: pb.Frame) -> None:
-        request = self._requests.get(frame.request_id)
-        if request is None:
-            if frame.position != 0:
-                return  # released while this frame was queued
-            request = self._open(frame)
-        request.last_used = time.monotonic()
+        rows = rows_of(frame)
+        if not frame.batch and frame.request_id not in self._requests and frame.position == 0:
+            self._open(frame)
+        live = [i for i, r in enumerate(rows.request_ids) if r in self._requests]
+        if not live:
+            return  # released while this frame was queued
+        rows = rows.select(live) if len(live) < len(rows.request_ids) else rows
+        requests = [self._requests[r] for r in rows.request_ids]
         start = frame.next_layer
-        offset = request.caches[start].offset
-        if offset != frame.position:
-            raise RuntimeError(f"frame at position {frame.position} but the KV cache of "
-                               f"layer {start} holds {offset} tokens")
+        for request, position in zip(requests, rows.positions, strict=True):
+            expected = request.positions.get(start, 0)
+            if position != expected:
+                raise RuntimeError(f"frame at position {position} but layer {start} expects "
+                                   f"{expected}")
+            request.last_used = time.monotonic()
+        if frame.batch:
+            own = {r: req.caches for r, req in zip(rows.request_ids, requests, strict=True)
+                   if req.caches is not None}
+            caches = self._groups.caches_for(frame.request_id, rows.request_ids, own)
+            for request in requests:
+                request.caches = None  # now rows of the train's batch caches
+        else:
+            caches = requests[0].caches
         if start == 0:
-            h = self.stage.embed(mx.array(list(frame.tokens), dtype=mx.uint32)[None])
+            h = self.stage.embed(mx.array(rows.tokens, dtype=mx.uint32))
         else:
             h = codec.decode(frame.hidden)
-        h, end = self.stage.forward(h, start, request.caches)
+            if len(live) < len(frame.batch):
+                h = h[mx.array(live)]
+        h, end = self.stage.forward(h, start, caches)
+        for request, position in zip(requests, rows.positions, strict=True):
+            request.positions[start] = position + rows.tokens_per_row
         if end < self.stage.num_layers:
             mx.eval(h)
-            self._forward(request, frame, end, h)
-        elif request.sampler is not None:
-            request.sampler.observe(list(frame.tokens))
+            self._forward(frame, rows, requests, end, h)
+        elif self._tail is not None:
+            if frame.position == 0 and not frame.batch:
+                self._tail.count_stages(list(frame.route), self._identity)
             if frame.sample:
-                self._sample(frame.request_id, request, h, frame)
+                self._tail.finish(frame, rows, h)
             else:
-                mx.eval(h)  # a prefill chunk: materialise the KV caches, nothing to emit
+                # A prompt chunk needs only the KV caches, as in mlx-lm's prefill: the last
+                # layer's attention output and MLP are never computed.
+                self._tail.observe(rows)
+                mx.eval([cache.state for cache in caches.values()])
 
     def _open(self, frame: pb.Frame) -> ActiveRequest:
-        is_tail = self.stage.holds_head
         sampling = frame.sampling
         request = ActiveRequest(
             caches=self.stage.new_caches(),
             entry=frame.entry,
             head=frame.head,
-            sampler=TokenSampler(sampling, self.vocab_size) if is_tail else None,
+            epoch=frame.epoch,
+            sampler=TokenSampler(sampling, self.vocab_size) if self.stage.holds_head else None,
             max_tokens=sampling.max_tokens,
             eos_token_ids=frozenset(sampling.eos_token_ids),
         )
         self._requests[frame.request_id] = request
         return request
 
-    def _forward(self, request: ActiveRequest, frame: pb.Frame, next_layer: int,
-                 h: mx.array) -> None:
+    def _forward(self, frame: pb.Frame, rows: Rows, requests: list[ActiveRequest],
+                 next_layer: int, h: mx.array) -> None:
         try:
             address = self.router.address_for(next_layer, frame)
         except RouteError as exc:
-            self._fail(frame.request_id, 503, str(exc))
+            for request_id in rows.request_ids:
+                self._fail(request_id, 503, str(exc))
             return
-        out = pb.Frame(
-            request_id=frame.request_id,
-            next_layer=next_layer,
-            position=frame.position,
-            tokens=frame.tokens,
-            hidden=codec.encode(h),
-            sample=frame.sample,
-            entry=frame.entry,
-            head=frame.head,
-            epoch=frame.epoch,
-        )
-        if frame.position == 0:
+        out = pb.Frame(request_id=frame.request_id, next_layer=next_layer,
+                       position=frame.position, tokens=[t for row in rows.tokens for t in row],
+                       hidden=codec.encode(h), sample=frame.sample, entry=frame.entry,
+                       head=frame.head, epoch=frame.epoch)
+        if frame.batch:
+            out.batch.extend(rows.request_ids)
+            out.batch_positions.extend(rows.positions)
+        elif frame.position == 0:
             out.sampling.CopyFrom(frame.sampling)
-        request.sent_to.add(address)
+            out.route.extend([*frame.route, self._identity])
+        for request in requests:
+            request.sent_to.add(address)
         self._frames_out.send(address, out)
 
-    def _sample(self, request_id: str, request: ActiveRequest, h: mx.array,
-                frame: pb.Frame) -> None:
-        assert request.sampler is not None
-        token, logprobs = request.sampler.sample(self.stage.logits(h))
-        sample = request.sampler.describe(token, logprobs)
-        index = request.generated
-        request.generated += 1
-        finish = ""
-        if sample.token in request.eos_token_ids:
-            finish = "stop"
-        elif request.generated >= request.max_tokens:
-            finish = "length"
-        self._tokens_out.send(request.entry, pb.Token(
-            request_id=request_id, index=index, token=sample.token, logprob=sample.logprob,
-            top_ids=sample.top_ids, top_logprobs=sample.top_logprobs, finish_reason=finish,
-        ))
-        if finish:
+    def _send_step(self, address: str, frame: pb.Frame) -> None:
+        """The tail's next decode step: into this shard's inbox, or to the head shard."""
+        if not address:
+            self._inbox.put(frame)
             return
-        next_step = pb.Frame(
-            request_id=request_id, next_layer=0, position=frame.position + len(frame.tokens),
-            tokens=[sample.token], sample=True, entry=request.entry, head=request.head,
-            epoch=frame.epoch,
-        )
-        if self.stage.holds_embedding:
-            self._inbox.put(next_step)
-        else:
-            request.sent_to.add(request.head)
-            self._frames_out.send(request.head, next_step)
+        for request_id in frame.batch or [frame.request_id]:
+            request = self._requests.get(request_id)
+            if request is not None:
+                request.sent_to.add(address)
+        self._frames_out.send(address, frame)
 
     def _handle_release(self, frame: pb.Frame) -> None:
         self._drop(frame.request_id)
@@ -341,7 +331,11 @@ class ShardRuntime:
             self._frames_out.send(head, release)
 
     def _drop(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
+        request = self._requests.pop(request_id, None)
+        if request is not None and request.caches is None:
+            self._groups.member_left(request_id)
+        if self._tail is not None:
+            self._tail.forget(request_id)
         with self._ids_lock:
             self._known.discard(request_id)
             self._released[request_id] = time.monotonic()

@@ -1,0 +1,100 @@
+"""Concurrent requests ride trains (batched decode steps) and keep their exact tokens."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import mlx.core as mx
+import pytest
+
+from dnet.shard.trains import TrainScheduler
+from dnet.stage import Stage
+from tests.conftest import DEEPSEEK_F32, LLAMA_F16, QWEN3_BF16, QWEN3_Q4, reference_tokens
+
+# ----- the scheduler: pure decisions ------------------------------------------------------
+
+
+def test_requests_start_trains_up_to_the_number_of_stages_then_board() -> None:
+    trains = TrainScheduler(max_trains=2)
+    assert [d.members for d in trains.ready("a")] == [("a",)]
+    assert [d.members for d in trains.ready("b")] == [("b",)]
+    assert trains.ready("c") == [] and trains.ready("d") == []  # they wait at the tail
+    first = trains.passed("a", ["a"])
+    assert len(first) == 1 and first[0].batched and first[0].members == ("a", "c", "d")
+    # The batch keeps its id while its members change; finished ones leave.
+    again = trains.passed(first[0].train_id, ["a", "d"])
+    assert again[0].train_id == first[0].train_id and again[0].members == ("a", "d")
+    assert trains.passed(first[0].train_id, []) == []
+    assert set(trains.trains) == {"b"}
+
+
+def test_a_lone_request_keeps_running_alone() -> None:
+    trains = TrainScheduler(max_trains=1)
+    trains.ready("a")
+    for _ in range(3):
+        [dispatch] = trains.passed("a", ["a"])
+        assert dispatch == dispatch.__class__("a", ("a",), batched=False)
+
+
+def test_forgotten_requests_leave_trains_and_queues() -> None:
+    trains = TrainScheduler(max_trains=1, max_batch=2)
+    trains.ready("a")
+    trains.ready("b")
+    trains.ready("c")
+    [dispatch] = trains.passed("a", ["a"])
+    assert dispatch.members == ("a", "b")  # the batch is full: c keeps waiting
+    trains.forget("c")
+    trains.forget("a")
+    assert trains.trains[dispatch.train_id] == ("b",)
+    trains.forget("b")
+    assert trains.trains == {} and trains.waiting == []
+
+
+# ----- the maths: a batched step is bit for bit the single steps ---------------------------
+
+
+@pytest.mark.parametrize("spec", [QWEN3_BF16, QWEN3_Q4, DEEPSEEK_F32, LLAMA_F16],
+                         ids=lambda s: f"{s.arch}-{s.quant_bits or s.dtype}")
+def test_batched_decode_step_equals_single_steps(spec, make_model) -> None:
+    stage = Stage(make_model(spec), list(range(8)))
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(length)] for i, length in
+               enumerate([5, 17, 9, 30])]
+    singles, caches = [], []
+    for prompt in prompts:
+        own = stage.new_caches()
+        h, _ = stage.forward(stage.embed(mx.array([prompt])), 0, own)
+        mx.eval(h)
+        caches.append(own)
+    batch = {layer: type(caches[0][layer]).merge([c[layer] for c in caches])
+             for layer in caches[0]}
+    for own, token in zip(caches, [11, 22, 33, 44], strict=True):
+        h, _ = stage.forward(stage.embed(mx.array([[token]])), 0, own)
+        singles.append(stage.logits(h))
+    h, _ = stage.forward(stage.embed(mx.array([[11], [22], [33], [44]])), 0, batch)
+    assert mx.array_equal(mx.concatenate(singles), stage.logits(h)).item()
+
+
+# ----- through the ring ---------------------------------------------------------------------
+
+
+def test_many_concurrent_requests_keep_their_tokens(make_model, start_ring) -> None:
+    model = make_model(QWEN3_BF16)
+    ring = start_ring(model, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    prompts = [[(13 * i + j) % 400 + 3 for j in range(4 + 5 * i)] for i in range(8)]
+    lengths = [24 + 4 * i for i in range(8)]  # members leave their trains at different steps
+    got: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        response = httpx.post(f"{ring.url}/v1/completions", timeout=120, json={
+            "prompt": prompts[i], "max_tokens": lengths[i], "ignore_eos": True,
+            "return_token_ids": True})
+        got[i] = response.json()["choices"][0]["token_ids"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for i in range(8):
+        assert got.get(i) == reference_tokens(model, prompts[i], lengths[i], ignore_eos=True), i
