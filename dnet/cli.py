@@ -39,21 +39,54 @@ def parse_layers(text: str) -> list[int]:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    from rich.console import Console
-    from rich.logging import RichHandler
+    """Readable logs: rich on a terminal, plain one-line records in files (easy to grep)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
 
-    # Wide lines when logging to a file: wrapped log lines are hard to grep.
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=console, show_path=False, markup=False)],
-    )
+        handler: logging.Handler = RichHandler(show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="%H:%M:%S"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
 # ----- subcommands -------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    from dnet.node.profiling import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_kv_cap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-kv-bytes", type=_size, default=os.environ.get("DNET_MAX_KV_BYTES"),
+                   help="KV-cache memory this node's requests may reserve, e.g. 4GB; past it "
+                        "new requests get a 503 (default: half the memory available at start)")
+
+
+def _add_http_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-requests", type=int,
+                   default=int(os.environ.get("DNET_MAX_REQUESTS", 64)),
+                   help="concurrent requests this node accepts; past it a 429 (default 64)")
+    p.add_argument("--api-key", default=os.environ.get("DNET_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the HTTP API")
+
+
+def _add_cluster_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster-key", default=os.environ.get("DNET_CLUSTER_KEY"),
+                   help="shared secret: every gRPC call is signed with it, and only members "
+                        "with the same key form a ring (default: $DNET_CLUSTER_KEY; none: "
+                        "anyone on the network can join)")
+
 
 
 def add_shard_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +101,8 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--kv-ttl", type=float, default=300.0,
                    help="seconds before an idle request's KV cache is dropped (default 300)")
+    _add_kv_cap(p)
+    _add_cluster_key(p)
 
 
 def run_shard_command(args: argparse.Namespace) -> int:
@@ -85,7 +120,7 @@ def run_shard_command(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     try:
         run_shard(args.model, model_dir, args.layers, args.host, args.port, args.next_address,
-                  args.prefetch_window, args.kv_ttl, stop)
+                  args.prefetch_window, args.kv_ttl, stop, kv_cap_bytes=args.max_kv_bytes)
     except (ValueError, OSError) as exc:
         print(f"dnet shard: {exc}", file=sys.stderr)
         return 1
@@ -101,6 +136,8 @@ def add_api_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest prompt plus answer, in tokens (default: the model's)")
     p.add_argument("--token-timeout", type=float, default=120.0,
                    help="seconds to wait for the next token before failing (default 120)")
+    _add_http_limits(p)
+    _add_cluster_key(p)
 
 
 def run_api_command(args: argparse.Namespace) -> int:
@@ -112,7 +149,7 @@ def run_api_command(args: argparse.Namespace) -> int:
                         next_token_s=args.token_timeout)
     try:
         run_api(args.model, args.address, args.shard, max_context=args.max_context,
-                timeouts=timeouts)
+                timeouts=timeouts, max_requests=args.max_requests, api_key=args.api_key)
     except (ModelNotFoundError, OSError) as exc:
         print(f"dnet api: {exc}", file=sys.stderr)
         return 1
@@ -148,13 +185,14 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory this node gives to weights and KV cache, e.g. 8GB or 512MB "
                         "(default: Metal's working set less 2 GiB on macOS, else 80%% of "
                         "available RAM)")
-    p.add_argument("--cluster-key", default=os.environ.get("DNET_CLUSTER_KEY"),
-                   help="only nodes with the same key form a ring")
+    _add_cluster_key(p)
     p.add_argument("--state-dir", default=os.environ.get("DNET_STATE_DIR", "~/.config/dnet"),
                    help="where the node id is kept (default ~/.config/dnet)")
     p.add_argument("--context", type=int, default=4096,
                    help="tokens of KV cache the plan reserves per request (default 4096)")
     p.add_argument("--kv-ttl", type=float, default=300.0)
+    _add_kv_cap(p)
+    _add_http_limits(p)
 
 
 def run_join_command(args: argparse.Namespace) -> int:
@@ -172,7 +210,8 @@ def run_join_command(args: argparse.Namespace) -> int:
                           http_port=args.http_port, grpc_port=args.grpc_port,
                           memory_budget_bytes=budget, cluster_key=args.cluster_key,
                           state_dir=Path(args.state_dir), kv_ttl_s=args.kv_ttl,
-                          context_tokens=args.context)
+                          context_tokens=args.context, kv_cap_bytes=args.max_kv_bytes,
+                          max_requests=args.max_requests, api_key=args.api_key)
     try:
         node = Node(options)
     except (OSError, ValueError) as exc:
@@ -268,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from dnet.ring import auth
+
+    auth.configure(getattr(args, "cluster_key", None))
     return int(args.run(args) or 0)
 
 

@@ -20,6 +20,7 @@ import httpx
 
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring import auth
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -154,7 +155,7 @@ class LocalRing:
 
 
 def shard_health(address: str, timeout_s: float = 1.0) -> pb.HealthReply | None:
-    with grpc.insecure_channel(address) as channel:
+    with auth.channel(address) as channel:
         try:
             return pb_grpc.RingStub(channel).Health(pb.HealthRequest(), timeout=timeout_s)
         except grpc.RpcError:

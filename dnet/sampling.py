@@ -50,6 +50,8 @@ class TokenSampler:
             self.filters.append(partial(apply_top_k, top_k=params.top_k))
         seed = params.seed if params.HasField("seed") else secrets.randbits(63)
         self.key = mx.random.key(seed)
+        for _ in range(params.draws_done if self.temperature else 0):
+            self.key, _ = mx.random.split(self.key)  # a replay continues the same stream
         self.history: mx.array | None = None
 
     def observe(self, tokens: list[int]) -> None:

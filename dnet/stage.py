@@ -22,6 +22,7 @@ from mlx_lm.utils import _get_classes, load_model
 
 from dnet.model_files import format_layers, read_config, tensor_names_for, weight_files_for
 from dnet.weights import LayerWindow
+from planner import profile_from_config
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,10 @@ class Stage:
         self.max_context = int(config.get("max_position_embeddings") or 4096)
         self.model_type = model_type
         self._sliding_window = getattr(self.inner, "sliding_window", None)
+        first = self.inner.layers[self.layers[0]]
+        dtype_bytes = first.input_layernorm.weight.dtype.size
+        per_layer = profile_from_config(config, dtype_bytes).kv_bytes_per_token_per_layer
+        self.kv_bytes_per_token = per_layer * len(self.layers)
         log.info("loaded layers %s of %d (%s), %s", format_layers(self.layers), total,
                  model_type, f"window {self.window}, streaming the rest from disk"
                  if self._weights else "all resident")

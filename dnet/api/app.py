@@ -8,6 +8,7 @@ back through the entry to `pieces`, which turns them into text for the answer.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -90,9 +91,34 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = None) -> FastAPI:
+class ApiKeyGuard:
+    """Bearer-token auth for /v1/ when the node runs with --api-key (OpenAI's 401 shape)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = ApiError(401, "missing or incorrect API key: send "
+                                      "'Authorization: Bearer <key>'", code="invalid_api_key")
+                payload = json.dumps(error.body()).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": payload})
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = None,
+               api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="dnet", version=__version__)
     app.add_middleware(BodyLimit)
+    if api_key:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -150,7 +176,7 @@ async def _answer(request: Request, backend: Backend, job: Job, stream: bool,
         try:
             first = await anext(source)
         except RingError as exc:
-            raise ApiError(exc.status, exc.message, kind="server_error") from exc
+            raise ring_error(exc) from exc
         return StreamingResponse(_sse(backend, job, kind, first, source, totals, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -163,11 +189,16 @@ async def _answer(request: Request, backend: Backend, job: Job, stream: bool,
                 return JSONResponse(status_code=499, content={})
         parts = collect.result()
     except RingError as exc:
-        raise ApiError(exc.status, exc.message, kind="server_error") from exc
+        raise ring_error(exc) from exc
     finally:
         if not collect.done():
             collect.cancel()
     return _full_response(backend, job, kind, parts, totals)
+
+
+def ring_error(exc: RingError) -> ApiError:
+    kind = "rate_limit_error" if exc.status == 429 else "server_error"
+    return ApiError(exc.status, exc.message, kind=kind)
 
 
 async def _collect(source: AsyncIterator[Piece]) -> list[Piece]:
@@ -228,7 +259,7 @@ async def _sse(backend: Backend, job: Job, kind: str, first: Piece,
             yield chunk(piece)
     except RingError as exc:
         log.warning("request %s failed mid-stream: %s", job.id, exc.message)
-        error = ApiError(exc.status, exc.message, kind="server_error").body()
+        error = ring_error(exc).body()
         yield f"data: {json.dumps(error)}\n\n"
     else:
         if include_usage:

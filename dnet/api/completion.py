@@ -121,6 +121,7 @@ def make_job(backend: Backend, body: SamplingFields, prompt: list[int], *, logpr
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=bias,
         max_tokens=min(requested, room),
+        max_context=len(prompt) + min(requested, room),
         eos_token_ids=[] if body.ignore_eos else sorted(backend.tokenizer.eos_token_ids),
         logprobs=logprobs,
         top_logprobs=top_logprobs,

@@ -29,10 +29,15 @@ log = logging.getLogger(__name__)
 PREFILL_CHUNK = 2048  # mlx-lm's prefill_step_size: the same chunks give the same numbers
 
 
+MAX_REPLAYS = 3
+DEFAULT_MAX_REQUESTS = 64
+
+
 @dataclass(frozen=True)
 class Timeouts:
     first_token_s: float = 300.0
     next_token_s: float = 120.0
+    replan_s: float = 30.0  # how long a failed request waits for a re-planned ring
 
 
 class DecodeStats:
@@ -71,6 +76,9 @@ class RingEntry:
                  prefill_chunk: int = PREFILL_CHUNK, epoch: int = 0) -> None:
         self.head = head
         self.epoch = epoch
+        self.recover = False  # replay failed requests on a re-planned ring (mesh mode)
+        self.max_requests = DEFAULT_MAX_REQUESTS
+        self._active = 0
         self.address = ""  # our token sink, host:port; set once its server listens
         self.timeouts = timeouts or Timeouts()
         self.prefill_chunk = prefill_chunk
@@ -118,20 +126,76 @@ class RingEntry:
 
     @property
     def active_requests(self) -> int:
-        return len(self._pending)
+        return self._active
 
     async def generate(self, prompt: list[int], sampling: pb.SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[pb.Token]:
-        """Tokens of one completion, in order; raises RingError when the ring fails it."""
+        """Tokens of one completion, in order; raises RingError when the ring fails it.
+
+        With `recover` set (mesh mode), a request the ring fails mid-answer waits for the
+        re-planned ring and is replayed on it: its prompt and the tokens generated so far run
+        through the same steps as before, rebuilding the KV caches bit for bit (as Petals
+        replays its history), then it carries on. No token is emitted twice.
+        """
         if not self.address:
             raise RingError(503, "the token sink is not listening yet")
-        await self._admitted()
+        if self._active >= self.max_requests:
+            raise RingError(429, f"this node already serves {self._active} requests "
+                                 f"(--max-requests {self.max_requests}); retry shortly")
+        self._active += 1
+        try:
+            async for token in self._generate(prompt, sampling, request_id):
+                yield token
+        finally:
+            self._active -= 1
+
+    async def _generate(self, prompt: list[int], sampling: pb.SamplingParams,
+                        request_id: str | None) -> AsyncIterator[pb.Token]:
+        generated: list[int] = []
+        failures = 0
+        while True:
+            await self._admitted()
+            epoch = self.epoch
+            try:
+                async for token in self._attempt(prompt, generated, sampling, request_id):
+                    token.index = len(generated)
+                    generated.append(token.token)
+                    yield token
+                    if token.finish_reason:
+                        return
+                return
+            except RingError as exc:
+                failures += 1
+                if not self.recover or exc.status not in (502, 503) or failures > MAX_REPLAYS:
+                    raise
+                log.warning("request failed after %d token(s) (%s); replaying it on the "
+                            "re-planned ring", len(generated), exc.message)
+                await self._next_epoch(epoch, exc)
+            request_id = None  # a replay is a new request for the shards
+
+    async def _next_epoch(self, failed: int, cause: RingError) -> None:
+        deadline = time.monotonic() + self.timeouts.replan_s
+        while self.epoch <= failed or not self._admitting.is_set():
+            if time.monotonic() > deadline:
+                raise RingError(503, f"{cause.message}; no new ring within "
+                                     f"{self.timeouts.replan_s:.0f} s")
+            await asyncio.sleep(0.1)
+
+    async def _attempt(self, prompt: list[int], generated: list[int],
+                       sampling: pb.SamplingParams,
+                       request_id: str | None) -> AsyncIterator[pb.Token]:
         request_id = request_id or uuid.uuid4().hex
         head, epoch = self.head, self.epoch
         tokens: asyncio.Queue[pb.Token] = asyncio.Queue()
         self._pending[request_id] = (asyncio.get_running_loop(), tokens, head)
+        params = sampling
+        if generated:
+            params = pb.SamplingParams()
+            params.CopyFrom(sampling)
+            params.max_tokens = sampling.max_tokens - len(generated)
+            params.draws_done = len(generated)
         try:
-            for frame in self._prompt_frames(request_id, head, prompt, sampling):
+            for frame in self._prompt_frames(request_id, head, prompt, params, generated):
                 frame.epoch = epoch
                 self._links.send(head, frame)
             expected = 0
@@ -161,13 +225,15 @@ class RingEntry:
                 log.debug("could not release %s: %s", request_id, exc)
 
     def _prompt_frames(self, request_id: str, head: str, prompt: list[int],
-                       sampling: pb.SamplingParams) -> Iterator[pb.Frame]:
-        # All but the last prompt token fill the KV caches in chunks; the last token runs
-        # alone and is sampled, as in mlx-lm's generate_step.
+                       sampling: pb.SamplingParams,
+                       generated: list[int] = ()) -> Iterator[pb.Frame]:
+        # All but the last prompt token fill the KV caches in chunks; the last one runs alone
+        # and is sampled, as in mlx-lm's generate_step. A replay then feeds each generated
+        # token alone, as the decode steps did, and samples after the last one.
         prefix = prompt[:-1]
         steps = [prefix[i:i + self.prefill_chunk]
                  for i in range(0, len(prefix), self.prefill_chunk)]
-        steps.append(prompt[-1:])
+        steps += [[token] for token in [prompt[-1], *generated]]
         position = 0
         for i, chunk in enumerate(steps):
             frame = pb.Frame(request_id=request_id, next_layer=0, position=position,

@@ -10,7 +10,13 @@ import uvicorn
 from mlx_lm.utils import load_tokenizer
 
 from dnet.api.app import create_app
-from dnet.api.entry import EntryService, RingEntry, Timeouts, local_address_towards
+from dnet.api.entry import (
+    DEFAULT_MAX_REQUESTS,
+    EntryService,
+    RingEntry,
+    Timeouts,
+    local_address_towards,
+)
 from dnet.model_files import read_config, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring.links import start_server
@@ -53,17 +59,19 @@ def split_address(address: str, default_port: int) -> tuple[str, int]:
 
 
 def run_api(model: str, listen: str, first_shard: str, *, max_context: int | None = None,
-            timeouts: Timeouts | None = None) -> None:
+            timeouts: Timeouts | None = None, max_requests: int = DEFAULT_MAX_REQUESTS,
+            api_key: str | None = None) -> None:
     host, port = split_address(listen, 8080)
     model_dir = resolve_metadata(model)
     entry = RingEntry(first_shard, timeouts=timeouts or Timeouts())
+    entry.max_requests = max_requests
     sink_host = "0.0.0.0" if host in WILDCARDS else host
     server, sink_port = start_server(EntryService(entry, model), sink_host, 0)
     shard_host, _ = split_address(first_shard, 50501)
     advertised = local_address_towards(shard_host) if host in WILDCARDS else host
     entry.address = f"{advertised}:{sink_port}"
     backend = RingBackend(model, model_dir, entry, max_context)
-    app = create_app(backend, extra_health=lambda: {"head": first_shard,
+    app = create_app(backend, api_key=api_key, extra_health=lambda: {"head": first_shard,
                                                     "token_sink": entry.address})
     log.info("API on http://%s:%d, first shard %s, token sink %s", host or "0.0.0.0", port,
              first_shard, entry.address)

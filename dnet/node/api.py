@@ -73,7 +73,7 @@ class LoadBody(BaseModel):
 
 
 def create_node_app(node: Node) -> FastAPI:
-    app = create_app(MeshBackend(node), extra_health=lambda: {
+    app = create_app(MeshBackend(node), api_key=node.options.api_key, extra_health=lambda: {
         "role": "node", "node_id": node.node_id, "epoch": node.host.epoch})
 
     @app.get("/v1/topology")

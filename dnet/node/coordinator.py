@@ -25,7 +25,7 @@ from dnet.node.membership import Membership
 from dnet.plan_cli import ModelResolutionError, resolve_model_profile
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.ring.links import CHANNEL_OPTIONS
+from dnet.ring import auth
 from planner import DeviceProfile, InfeasiblePlanError, PlanOptions, plan_layers, to_json
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class Coordinator:
 
     def _call_all(self, infos: list[PeerInfo], call: Callable) -> list:
         def one(info: PeerInfo):
-            with grpc.insecure_channel(info.grpc_address, options=CHANNEL_OPTIONS) as channel:
+            with auth.channel(info.grpc_address) as channel:
                 try:
                     return call(pb_grpc.ControlStub(channel))
                 except grpc.RpcError as exc:

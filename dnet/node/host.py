@@ -55,10 +55,12 @@ def layer_owners(plan: pb.PlanRequest) -> dict[int, str]:
 
 
 class EpochHost:
-    def __init__(self, node_id: str, entry: RingEntry, *, kv_ttl_s: float) -> None:
+    def __init__(self, node_id: str, entry: RingEntry, *, kv_ttl_s: float,
+                 kv_cap_bytes: int | None = None) -> None:
         self.node_id = node_id
         self.entry = entry
         self.kv_ttl_s = kv_ttl_s
+        self.kv_cap_bytes = kv_cap_bytes
         self.plan: pb.PlanRequest | None = None  # committed
         self.runtime: ShardRuntime | None = None
         self.served: ServedModel | None = None
@@ -130,7 +132,7 @@ class EpochHost:
         model_dir = resolve_for_layers(plan.model, layers)
         runtime = ShardRuntime(lambda: Stage(model_dir, list(layers), window=window or None),
                                router, model_name=plan.model, kv_ttl_s=self.kv_ttl_s,
-                               epoch=plan.epoch)
+                               epoch=plan.epoch, kv_cap_bytes=self.kv_cap_bytes)
         runtime.start()
         return runtime
 

@@ -25,7 +25,7 @@ from discovery.mdns import Advertiser, Browser, open_zeroconf
 from discovery.peers import PeerInfo, PeerState
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.ring.links import CHANNEL_OPTIONS
+from dnet.ring import auth
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Membership:
     def _check(self, info: PeerInfo) -> pb.HealthReply | None:
         channel = self._channels.get(info.grpc_address)
         if channel is None:
-            channel = grpc.insecure_channel(info.grpc_address, options=CHANNEL_OPTIONS)
+            channel = auth.channel(info.grpc_address)
             self._channels[info.grpc_address] = channel
         started = time.perf_counter()
         try:

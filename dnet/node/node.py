@@ -26,7 +26,8 @@ from dnet.node.service import ControlService, NodeRingService
 from dnet.plan_cli import ModelResolutionError, resolve_model_profile
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.ring.links import CHANNEL_OPTIONS, start_server
+from dnet.ring import auth
+from dnet.ring.links import start_server
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class JoinOptions:
     state_dir: Path = Path("~/.config/dnet")
     kv_ttl_s: float = 300.0
     context_tokens: int = 4096
+    kv_cap_bytes: int | None = None
+    max_requests: int = 64
+    api_key: str | None = None
 
 
 class Node:
@@ -56,7 +60,10 @@ class Node:
         self.started_at = time.time()
         self.entry = RingEntry(head="")
         self.entry.pause()  # no plan yet: requests wait for the first one
-        self.host = EpochHost(self.node_id, self.entry, kv_ttl_s=options.kv_ttl_s)
+        self.entry.recover = True  # a request a dying node fails is replayed on the new ring
+        self.entry.max_requests = options.max_requests
+        self.host = EpochHost(self.node_id, self.entry, kv_ttl_s=options.kv_ttl_s,
+                              kv_cap_bytes=options.kv_cap_bytes)
         self._device: pb.DeviceInfo | None = None
         self._stopping = threading.Event()
         self.coordinator: Coordinator | None = None  # peers may ask before it exists
@@ -156,7 +163,7 @@ class Node:
         peer = self.membership.peer(coordinator)
         if peer is None:
             return f"the coordinator {coordinator} is not reachable"
-        with grpc.insecure_channel(peer.grpc_address, options=CHANNEL_OPTIONS) as channel:
+        with auth.channel(peer.grpc_address) as channel:
             try:
                 reply = pb_grpc.ControlStub(channel).LoadModel(
                     pb.LoadModelRequest(model=model), timeout=900)
@@ -168,7 +175,7 @@ class Node:
         def one(address: str) -> tuple[str, pb.NodeStatus | None]:
             if address == self.entry.address:
                 return address, self.status()
-            with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            with auth.channel(address) as channel:
                 try:
                     return address, pb_grpc.ControlStub(channel).Status(
                         pb.StatusRequest(), timeout=1.0)

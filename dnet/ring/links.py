@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring import auth
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class StreamLink:
         self._open_stream = open_stream
         self._on_reply = on_reply
         self._on_broken = on_broken
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = auth.channel(address)
         self._stub = pb_grpc.RingStub(self._channel)
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[Any] | None = None
@@ -172,7 +173,7 @@ def start_server(services: pb_grpc.RingServicer | list[tuple[Callable, Any]], ho
     from concurrent import futures
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=SERVER_OPTIONS)
+                         options=SERVER_OPTIONS, interceptors=auth.server_interceptors())
     if not isinstance(services, list):
         services = [(pb_grpc.add_RingServicer_to_server, services)]
     for add_to_server, servicer in services:

@@ -11,7 +11,7 @@ import httpx
 
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.ring.links import CHANNEL_OPTIONS
+from dnet.ring import auth
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ManualRouter:
                 return False
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("next hop %s is not an API: %s", self.next_address, exc)
-        with grpc.insecure_channel(self.next_address, options=CHANNEL_OPTIONS) as channel:
+        with auth.channel(self.next_address) as channel:
             try:
                 reply = pb_grpc.RingStub(channel).Health(
                     pb.HealthRequest(), timeout=PROBE_TIMEOUT_S

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import mlx.core as mx
+import psutil
 
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import codec
@@ -72,13 +73,18 @@ class _Control:
 
 class ShardRuntime:
     def __init__(self, load_stage: Callable[[], Stage], router: Router, *, model_name: str,
-                 kv_ttl_s: float = DEFAULT_KV_TTL_S, epoch: int = 0) -> None:
+                 kv_ttl_s: float = DEFAULT_KV_TTL_S, epoch: int = 0,
+                 kv_cap_bytes: int | None = None) -> None:
         self._load_stage = load_stage
         self.stage: Stage  # set by the compute thread in start()
         self.router = router
         self.epoch = epoch  # frames of other plan epochs are refused: no mixing of rings
         self.model_name = model_name
         self.kv_ttl_s = kv_ttl_s
+        # KV memory the requests may reserve here (prompt + answer, worst case); past it a
+        # new request gets a clear 503 rather than the process an out-of-memory kill.
+        self.kv_cap_bytes = kv_cap_bytes
+        self._kv_reserved: dict[str, int] = {}
         self.vocab_size = 0
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
@@ -177,6 +183,8 @@ class ShardRuntime:
         try:
             self.stage = self._load_stage()
             self.vocab_size = int(self.stage.config["vocab_size"])
+            if self.kv_cap_bytes is None:
+                self.kv_cap_bytes = psutil.virtual_memory().available // 2
             if self.stage.holds_head:
                 self._tail = Tail(self.stage, self._requests.get, self._send_step,
                                   self._tokens_out.send)
@@ -213,6 +221,8 @@ class ShardRuntime:
     def _handle_activation(self, frame: pb.Frame) -> None:
         rows = rows_of(frame)
         if not frame.batch and frame.request_id not in self._requests and frame.position == 0:
+            if not self._reserve_kv(frame):
+                return
             self._open(frame)
         live = [i for i, r in enumerate(rows.request_ids) if r in self._requests]
         if not live:
@@ -256,6 +266,29 @@ class ShardRuntime:
                 # layer's attention output and MLP are never computed.
                 self._tail.observe(rows)
                 mx.eval([cache.state for cache in caches.values()])
+
+    def _reserve_kv(self, frame: pb.Frame) -> bool:
+        need = frame.sampling.max_context * self.stage.kv_bytes_per_token
+        reserved = sum(self._kv_reserved.values())
+        if self.kv_cap_bytes and reserved + need > self.kv_cap_bytes:
+            log.warning("refused %s: its KV cache (%d bytes) would pass the cap (%d of %d "
+                        "bytes reserved)", frame.request_id, need, reserved, self.kv_cap_bytes)
+            with self._ids_lock:
+                self._known.discard(frame.request_id)
+                self._released[frame.request_id] = time.monotonic()
+            if frame.entry:
+                self._tokens_out.send(frame.entry, pb.Token(
+                    request_id=frame.request_id, error_code=503,
+                    error=f"KV cache full on a shard: this request needs {need} bytes, "
+                          f"{self.kv_cap_bytes - reserved} of {self.kv_cap_bytes} are free; "
+                          "retry later or ask for fewer tokens"))
+            return False
+        self._kv_reserved[frame.request_id] = need
+        return True
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        return sum(self._kv_reserved.values())
 
     def _open(self, frame: pb.Frame) -> ActiveRequest:
         sampling = frame.sampling
@@ -331,6 +364,7 @@ class ShardRuntime:
             self._frames_out.send(head, release)
 
     def _drop(self, request_id: str) -> None:
+        self._kv_reserved.pop(request_id, None)
         request = self._requests.pop(request_id, None)
         if request is not None and request.caches is None:
             self._groups.member_left(request_id)
