@@ -253,6 +253,22 @@ def run_load_command(args: argparse.Namespace) -> int:
     return run_load(args.model, api=args.api, host=args.host)
 
 
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", default=os.environ.get("DNET_API"),
+                   help="any node's HTTP address (default: find the mesh over mDNS)")
+    p.add_argument("--host", default=os.environ.get("DNET_HOST"),
+                   help="interface address to browse mDNS on (e.g. 127.0.0.1)")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--system", default=None, help="a system prompt")
+
+
+def run_chat_command(args: argparse.Namespace) -> int:
+    from dnet.chat import run_chat
+
+    return run_chat(args.api, args.host, args.max_tokens, args.temperature, args.system)
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -295,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="switch the cluster to another model")
     add_load_arguments(load)
     load.set_defaults(run=run_load_command)
+
+    chat = sub.add_parser("chat", help="chat with the cluster in the terminal")
+    add_chat_arguments(chat)
+    chat.set_defaults(run=run_chat_command)
 
     from dnet.plan_cli import add_plan_arguments, run_plan
 

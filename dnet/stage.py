@@ -21,6 +21,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, load_model
 
 from dnet.model_files import format_layers, read_config, tensor_names_for, weight_files_for
+from dnet.progress import progress
 from dnet.weights import LayerWindow
 from planner import profile_from_config
 
@@ -135,7 +136,11 @@ class Stage:
                                         self._read_layer, self.window)
             self._weights.warm()
         else:
-            mx.eval(self.model.parameters())
+            # Layer by layer, for the progress bar: reading weights can take minutes.
+            mx.eval([w for name, w in tree_flatten(self.model.parameters())
+                     if not name.startswith("model.layers.")])
+            for i in progress(self.layers, f"loading {len(self.layers)} layers"):
+                mx.eval(self.inner.layers[i].parameters())
         self.holds_embedding = 0 in self.layers
         self.holds_head = total - 1 in self.layers
         self.hidden_size = int(config["hidden_size"])

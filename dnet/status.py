@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dnet.model_files import format_layers
+from dnet.node.profiling import format_bytes
 
 BROWSE_S = 3.0
 
@@ -56,8 +57,8 @@ def render(topology: dict[str, Any]) -> Group:
         position = str(ring.index(node["id"]) + 1) if node["id"] in ring else "-"
         marker = " ★" if node["coordinator"] else ""
         used = node["memory_used_bytes"]
-        memory = (f"{_gib(used)} / {_gib(node['memory_budget_bytes'])}" if used is not None
-                  else f"? / {_gib(node['memory_budget_bytes'])}")
+        used_text = format_bytes(used) if used is not None else "?"
+        memory = f"{used_text} / {format_bytes(node['memory_budget_bytes'])}"
         window = (f"{node['window']} (streams)" if node["streaming"]
                   else str(node["window"] or "-"))
         rate = node["decode_tokens_per_s"]
@@ -77,12 +78,6 @@ def render(topology: dict[str, Any]) -> Group:
     return Group(*lines)
 
 
-def _gib(value: int | None) -> str:
-    value = value or 0
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value} B"
 
 
 def _rate(ms_per_token: float | None) -> str:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +23,7 @@ from dnet.model_files import format_layers
 from dnet.node.host import EpochHost
 from dnet.node.membership import Membership
 from dnet.plan_cli import ModelResolutionError, resolve_model_profile
+from dnet.progress import progress
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from dnet.ring import auth
@@ -177,8 +178,12 @@ class Coordinator:
                               members=members, plan_json=to_json(plan))
 
     def _measure(self, infos: list[PeerInfo]) -> list[DeviceProfile]:
-        replies = self._call_all(infos, lambda stub: stub.Measure(
-            pb.MeasureRequest(), timeout=MEASURE_TIMEOUT_S))
+        futures = [self._pool.submit(self._call_one, info, lambda stub: stub.Measure(
+            pb.MeasureRequest(), timeout=MEASURE_TIMEOUT_S)) for info in infos]
+        for _ in progress(as_completed(futures), f"measuring {len(infos)} device(s)",
+                          total=len(futures)):
+            pass
+        replies = [future.result() for future in futures]
         devices = []
         for info, reply in zip(infos, replies, strict=True):
             if isinstance(reply, Exception):
@@ -230,11 +235,12 @@ class Coordinator:
         self._debounce = Debounce()
 
     def _call_all(self, infos: list[PeerInfo], call: Callable) -> list:
-        def one(info: PeerInfo):
-            with auth.channel(info.grpc_address) as channel:
-                try:
-                    return call(pb_grpc.ControlStub(channel))
-                except grpc.RpcError as exc:
-                    return exc
+        return list(self._pool.map(lambda info: self._call_one(info, call), infos))
 
-        return list(self._pool.map(one, infos))
+    @staticmethod
+    def _call_one(info: PeerInfo, call: Callable):
+        with auth.channel(info.grpc_address) as channel:
+            try:
+                return call(pb_grpc.ControlStub(channel))
+            except grpc.RpcError as exc:
+                return exc

@@ -90,9 +90,9 @@ class Node:
             stopped=self._stopping.is_set)
         self.coordinator.start()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="status")
-        log.info("node %s (%s) joined: gRPC %s:%d, HTTP %s:%d, memory budget %.2f GiB",
+        log.info("node %s (%s) joined: gRPC %s:%d, HTTP %s:%d, memory budget %s",
                  me.name, self.node_id, self.address, options.grpc_port, self.address,
-                 options.http_port, budget / 2**30)
+                 options.http_port, profiling.format_bytes(budget))
 
     def _services(self) -> list[tuple]:
         return [(pb_grpc.add_RingServicer_to_server, NodeRingService(self)),

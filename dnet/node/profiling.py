@@ -33,6 +33,15 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def format_bytes(value: int | None) -> str:
+    """1536 -> '1.5 KiB', for people."""
+    value = value or 0
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
+
+
 def default_memory_budget() -> int:
     """Memory the node offers for weights and KV cache, leaving room for everything else.
 
