@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -34,6 +35,28 @@ def make_model(model_cache: Path):
 @pytest.fixture(scope="session")
 def qwen3_model(make_model) -> Path:
     return make_model(QWEN3_BF16)
+
+
+@pytest.fixture
+def mesh(qwen3_model: Path, tmp_path: Path) -> Iterator:
+    """A LocalMesh of `dnet join` processes on the generated Qwen3 model; stopped afterwards."""
+    from tests.mesh import LocalMesh
+
+    mesh = LocalMesh(tmp_path, str(qwen3_model))
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    """Poll until `predicate()` holds; a bounded wait that fails the test instead of hanging."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting until {what}")
 
 
 @pytest.fixture

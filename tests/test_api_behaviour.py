@@ -6,8 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from dnet.local_ring import LocalRing, shard_health
-from tests.conftest import chat_prompt_ids, reference_tokenizer
+from tests.conftest import chat_prompt_ids, reference_tokenizer, wait_until
 
 LAYERS = [[0, 1, 2, 3], [4, 5, 6, 7]]
 CHAT = "/v1/chat/completions"
@@ -73,14 +72,6 @@ def finish_reasons(chunks: list[dict[str, Any]]) -> list[str]:
     return [c["choices"][0]["finish_reason"] for c in chunks
             if c["choices"] and c["choices"][0]["finish_reason"] is not None]
 
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting until {what}")
 
 
 def active(address: str) -> int:

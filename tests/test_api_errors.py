@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from dnet.local_ring import LocalRing, api_healthy, shard_health
+from tests.conftest import wait_until
 
 MAX_CONTEXT = 64
 CLIENT_TIMEOUT = httpx.Timeout(20.0)  # a hang fails the test instead of the suite
@@ -245,15 +245,6 @@ def test_unknown_routes_and_methods_get_an_openai_error(ring: LocalRing, method:
 
 
 # ----- rings that cannot serve ---------------------------------------------------------------
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting until {what}")
 
 
 def assert_unavailable(response: httpx.Response) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,14 +21,6 @@ QUESTION = "What is 2+2?"
 THREE_WAY = "4MB"
 TWO_WAY = "6MB"
 
-
-@pytest.fixture
-def mesh(qwen3_model: Path, tmp_path: Path) -> Iterator[LocalMesh]:
-    mesh = LocalMesh(tmp_path, str(qwen3_model))
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
 
 
 @pytest.fixture

@@ -7,25 +7,15 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import LLAMA_F16, chat_prompt_ids, reference_tokens
 from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
 
 NUM_LAYERS = 8
 
-
-@pytest.fixture
-def mesh(qwen3_model: Path, tmp_path: Path) -> Iterator[LocalMesh]:
-    mesh = LocalMesh(tmp_path, str(qwen3_model))
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
 
 
 def test_load_switches_the_cluster_model(mesh: LocalMesh, make_model) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import reference_tokens
 from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
@@ -17,14 +15,6 @@ from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
 NUM_LAYERS = 8
 TOKENS = 300
 
-
-@pytest.fixture
-def mesh(qwen3_model: Path, tmp_path: Path) -> Iterator[LocalMesh]:
-    mesh = LocalMesh(tmp_path, str(qwen3_model))
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
 
 
 def test_the_answer_completes_on_the_replanned_ring(mesh: LocalMesh, qwen3_model: Path) -> None:

@@ -21,6 +21,7 @@ import pytest
 from dnet.local_ring import LocalRing, shard_health, shard_healthy
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from tests.conftest import wait_until
 
 HIDDEN = 128  # the default generated model's hidden size
 VOCAB = 512
@@ -67,14 +68,6 @@ def hidden(tokens: int, *, dtype: str = "float32", shape: list[int] | None = Non
 def new_id() -> str:
     return uuid.uuid4().hex
 
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting until {what}")
 
 
 def active(address: str) -> int:

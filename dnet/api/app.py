@@ -33,6 +33,7 @@ from dnet.api.completion import (
 )
 from dnet.api.entry import RingError
 from dnet.api.schema import ApiError, ChatRequest, CompletionRequest
+from dnet.web import mount_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = No
                        logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
         return await _answer(request, backend, job, body.stream, body.include_usage(), "text")
 
+    mount_dashboard(app)
     return app
 
 
