@@ -7,6 +7,8 @@ request, that run through the shard's layers in one forward pass.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -89,3 +91,44 @@ def check_frame(frame: pb.Frame, *, epoch: int, holds: bool, layers: list[int],
         reject(grpc.StatusCode.INVALID_ARGUMENT,
                f"hidden states {list(frame.hidden.shape)} do not match {rows} row(s) of "
                f"{per_row} token(s)")
+
+
+class RequestIds:
+    """The request ids a shard has seen open, and those released recently (tombstones).
+
+    Kept apart from the compute thread's tables because gRPC threads consult it: a frame
+    that overtook its request's release must be dropped, not start a cache that never ends.
+    """
+
+    def __init__(self, tombstone_ttl_s: float) -> None:
+        self._known: set[str] = set()
+        self._released: dict[str, float] = {}
+        self._ttl_s = tombstone_ttl_s
+        self._lock = threading.Lock()
+
+    def admit(self, frame: pb.Frame) -> bool:
+        """False for a late frame of a released request; raises FrameRejected if unknown."""
+        with self._lock:
+            if frame.position == 0 and not frame.batch:
+                # Opens the request, or starts a later round of it on a multi-round ring.
+                if frame.request_id in self._released:
+                    return False
+                self._known.add(frame.request_id)
+                return True
+            members = list(frame.batch) or [frame.request_id]
+            unknown = [m for m in members if m not in self._known and m not in self._released]
+            if unknown:
+                raise FrameRejected(grpc.StatusCode.NOT_FOUND, f"unknown request {unknown[0]}")
+            return True
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._known.discard(request_id)
+            self._released[request_id] = time.monotonic()
+
+    def prune(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for request_id, when in list(self._released.items()):
+                if now - when > self._ttl_s:
+                    del self._released[request_id]

@@ -31,7 +31,7 @@ from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import codec
 from dnet.ring.links import LinkPool, open_frames, open_tokens
 from dnet.sampling import TokenSampler
-from dnet.shard.frames import FrameRejected, Rows, check_frame, rows_of
+from dnet.shard.frames import FrameRejected, RequestIds, Rows, check_frame, rows_of
 from dnet.shard.groups import GroupCaches
 from dnet.shard.router import RouteError, Router
 from dnet.shard.tail import Tail, TailState
@@ -63,12 +63,13 @@ class ActiveRequest:
 
 @dataclass
 class _Control:
-    """Work for the compute thread that is not a frame: link failures and rejections."""
+    """Work for the compute thread that is not a frame."""
 
-    kind: str  # "link_broken", "entry_gone", "rejected"
+    kind: str  # "link_broken", "entry_gone", "rejected", "retarget" or "tick"
     address: str = ""
     reason: str = ""
     request_id: str = ""
+    code: int = 0  # a grpc.StatusCode value, for rejections
 
 
 class ShardRuntime:
@@ -90,11 +91,7 @@ class ShardRuntime:
         self._load_error: BaseException | None = None
         self._inbox: queue.SimpleQueue[pb.Frame | _Control | None] = queue.SimpleQueue()
         self._requests: dict[str, ActiveRequest] = {}
-        # Ids the gRPC threads have seen open, and ids released recently: a frame that
-        # overtook its request's release must be dropped, not start a cache that never ends.
-        self._known: set[str] = set()
-        self._released: dict[str, float] = {}
-        self._ids_lock = threading.Lock()
+        self._ids = RequestIds(TOMBSTONE_TTL_S)
         self._groups = GroupCaches()
         self._tail: Tail | None = None
         self._identity = uuid.uuid4().hex[:12]  # counted by the tail to learn the stages
@@ -145,20 +142,8 @@ class ShardRuntime:
         if frame.kind == pb.RELEASE:
             self._inbox.put(frame)
             return
-        members = list(frame.batch) or [frame.request_id]
-        with self._ids_lock:
-            if frame.position == 0 and not frame.batch:
-                # Opens the request, or starts a later round of it on a multi-round ring.
-                if frame.request_id in self._released:
-                    return  # a late frame of a finished request
-                self._known.add(frame.request_id)
-            else:
-                unknown = [m for m in members if m not in self._known
-                           and m not in self._released]
-                if unknown:
-                    raise FrameRejected(grpc.StatusCode.NOT_FOUND,
-                                        f"unknown request {unknown[0]}")
-        self._inbox.put(frame)
+        if self._ids.admit(frame):
+            self._inbox.put(frame)
 
     def release(self, request_id: str, propagate: bool, head: str = "") -> None:
         self._inbox.put(pb.Frame(request_id=request_id, kind=pb.RELEASE,
@@ -169,7 +154,7 @@ class ShardRuntime:
 
     def _on_frame_status(self, status: pb.FrameStatus) -> None:
         self._inbox.put(_Control("rejected", request_id=status.request_id,
-                                 reason=status.message))
+                                 reason=status.message, code=status.code))
 
     def _on_frames_broken(self, address: str, _unsent: list, reason: str) -> None:
         self._inbox.put(_Control("link_broken", address=address, reason=reason))
@@ -273,9 +258,7 @@ class ShardRuntime:
         if self.kv_cap_bytes and reserved + need > self.kv_cap_bytes:
             log.warning("refused %s: its KV cache (%d bytes) would pass the cap (%d of %d "
                         "bytes reserved)", frame.request_id, need, reserved, self.kv_cap_bytes)
-            with self._ids_lock:
-                self._known.discard(frame.request_id)
-                self._released[frame.request_id] = time.monotonic()
+            self._ids.release(frame.request_id)
             if frame.entry:
                 self._tokens_out.send(frame.entry, pb.Token(
                     request_id=frame.request_id, error_code=503,
@@ -370,9 +353,7 @@ class ShardRuntime:
             self._groups.member_left(request_id)
         if self._tail is not None:
             self._tail.forget(request_id)
-        with self._ids_lock:
-            self._known.discard(request_id)
-            self._released[request_id] = time.monotonic()
+        self._ids.release(request_id)
 
     def _fail(self, request_id: str, code: int, message: str) -> None:
         """Tell the request's entry it failed, and drop it here."""
@@ -388,8 +369,17 @@ class ShardRuntime:
         if control.kind == "retarget":
             for request_id in list(self._requests):
                 self._drop(request_id)
+            if self._tail is not None:
+                self._tail.scheduler.max_trains = 1  # relearned from the new ring's frames
         elif control.kind == "rejected":
-            self._fail(control.request_id, 500, f"next shard rejected a frame: {control.reason}")
+            # A next shard on another plan epoch, or restarted, is a ring to re-plan (503, which
+            # the entry can replay); anything else is a bug worth a 500.
+            retryable = {grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                         grpc.StatusCode.NOT_FOUND.value[0]}
+            status = 503 if control.code in retryable else 500
+            group = self._groups.groups.get(control.request_id)
+            for request_id in group.members if group else [control.request_id]:
+                self._fail(request_id, status, f"next shard rejected a frame: {control.reason}")
         elif control.kind == "link_broken":
             self.router.forget(control.address)
             for request_id, request in list(self._requests.items()):
@@ -410,7 +400,4 @@ class ShardRuntime:
                 log.warning("request %s idle for %.0f s: dropping its KV cache",
                             request_id, now - request.last_used)
                 self._drop(request_id)
-        with self._ids_lock:
-            for request_id, when in list(self._released.items()):
-                if now - when > TOMBSTONE_TTL_S:
-                    del self._released[request_id]
+        self._ids.prune()
