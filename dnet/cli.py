@@ -287,40 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    shard = sub.add_parser("shard", help="serve some layers of a model (manual mode)")
-    add_shard_arguments(shard)
-    shard.set_defaults(run=run_shard_command)
-
-    api = sub.add_parser("api", help="serve the HTTP API in front of a ring (manual mode)")
-    add_api_arguments(api)
-    api.set_defaults(run=run_api_command)
-
-    demo = sub.add_parser("demo", help="a local ring on a generated model, no network needed")
-    add_demo_arguments(demo)
-    demo.set_defaults(run=run_demo_command)
-
-    join = sub.add_parser("join", help="join the mesh on this machine (zero-config)")
-    add_join_arguments(join)
-    join.set_defaults(run=run_join_command)
-
-    status = sub.add_parser("status", help="show the mesh: nodes, ring, layers, memory")
-    add_status_arguments(status)
-    status.set_defaults(run=run_status_command)
-
-    load = sub.add_parser("load", help="switch the cluster to another model")
-    add_load_arguments(load)
-    load.set_defaults(run=run_load_command)
-
-    chat = sub.add_parser("chat", help="chat with the cluster in the terminal")
-    add_chat_arguments(chat)
-    chat.set_defaults(run=run_chat_command)
-
     from dnet.plan_cli import add_plan_arguments, run_plan
 
-    plan = sub.add_parser("plan", help="plan layers and windows for a set of devices")
-    add_plan_arguments(plan)
-    plan.set_defaults(run=run_plan)
+    commands = [
+        ("join", "join the mesh on this machine (zero-config)", add_join_arguments,
+         run_join_command),
+        ("status", "show the mesh: nodes, ring, layers, memory", add_status_arguments,
+         run_status_command),
+        ("load", "switch the cluster to another model", add_load_arguments, run_load_command),
+        ("chat", "chat with the cluster in the terminal", add_chat_arguments, run_chat_command),
+        ("demo", "a local ring on a generated model, no network needed", add_demo_arguments,
+         run_demo_command),
+        ("shard", "serve some layers of a model (manual mode)", add_shard_arguments,
+         run_shard_command),
+        ("api", "serve the HTTP API in front of a ring (manual mode)", add_api_arguments,
+         run_api_command),
+        ("plan", "plan layers and windows for a set of devices", add_plan_arguments, run_plan),
+    ]
+    for name, description, add_arguments, run in commands:
+        command = sub.add_parser(name, help=description)
+        add_arguments(command)
+        command.set_defaults(run=run)
     return parser
 
 
