@@ -11,7 +11,7 @@ import grpc
 from dnet import __version__
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.shard.runtime import FrameRejected
+from dnet.shard.service import ShardService
 
 if TYPE_CHECKING:
     from dnet.node.node import Node
@@ -19,47 +19,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NodeRingService(pb_grpc.RingServicer):
+class NodeRingService(ShardService):
+    """The shard of the current plan (see ShardService), plus the entry's token sink."""
+
     def __init__(self, node: Node) -> None:
+        super().__init__(lambda: node.host.runtime)
         self.node = node
-
-    def _runtime(self, context: grpc.ServicerContext):
-        runtime = self.node.host.runtime
-        if runtime is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "this node holds no layers in the current plan")
-        return runtime
-
-    def Forward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Empty:
-        try:
-            self._runtime(context).accept(request)
-        except FrameRejected as exc:
-            context.abort(exc.code, exc.message)
-        return pb.Empty()
-
-    def Frames(self, request_iterator: Iterator[pb.Frame],
-               context: grpc.ServicerContext) -> Iterator[pb.FrameStatus]:
-        for frame in request_iterator:
-            runtime = self.node.host.runtime
-            try:
-                if runtime is None:
-                    raise FrameRejected(grpc.StatusCode.FAILED_PRECONDITION,
-                                        "this node holds no layers in the current plan")
-                runtime.accept(frame)
-            except FrameRejected as exc:
-                log.warning("rejected a frame of %s: %s", frame.request_id, exc.message)
-                yield pb.FrameStatus(request_id=frame.request_id, code=exc.code.value[0],
-                                     message=exc.message)
 
     def Tokens(self, request_iterator: Iterator[pb.Token],
                context: grpc.ServicerContext) -> Iterator[pb.Empty]:
         for token in request_iterator:
             self.node.entry.deliver(token)
         return iter(())
-
-    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._runtime(context).release(request.request_id, request.propagate)
-        return pb.Empty()
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         host = self.node.host

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,12 +21,25 @@ log = logging.getLogger(__name__)
 
 
 class ShardService(pb_grpc.RingServicer):
-    def __init__(self, runtime: ShardRuntime) -> None:
-        self.runtime = runtime
+    """Frames and releases go to the shard's runtime; a mesh node swaps runtimes per plan."""
+
+    def __init__(self, runtime: ShardRuntime | Callable[[], ShardRuntime | None]) -> None:
+        self._runtime = runtime if callable(runtime) else (lambda: runtime)
+
+    @property
+    def runtime(self) -> ShardRuntime | None:
+        return self._runtime()
+
+    def _accept(self, frame: pb.Frame) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            raise FrameRejected(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this node holds no layers in the current plan")
+        runtime.accept(frame)
 
     def Forward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Empty:
         try:
-            self.runtime.accept(request)
+            self._accept(request)
         except FrameRejected as exc:
             context.abort(exc.code, exc.message)
         return pb.Empty()
@@ -35,7 +48,7 @@ class ShardService(pb_grpc.RingServicer):
                context: grpc.ServicerContext) -> Iterator[pb.FrameStatus]:
         for frame in request_iterator:
             try:
-                self.runtime.accept(frame)
+                self._accept(frame)
             except FrameRejected as exc:
                 log.warning("rejected a frame of %s from %s: %s",
                             frame.request_id, context.peer(), exc.message)
@@ -43,7 +56,11 @@ class ShardService(pb_grpc.RingServicer):
                                      message=exc.message)
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self.runtime.release(request.request_id, request.propagate)
+        runtime = self.runtime
+        if runtime is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this node holds no layers in the current plan")
+        runtime.release(request.request_id, request.propagate)
         return pb.Empty()
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
