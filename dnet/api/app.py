@@ -46,7 +46,8 @@ class BodyLimit:
 
     Pure ASGI rather than an @app.middleware: Starlette's BaseHTTPMiddleware hides client
     disconnects from the handler, and a declared content-length can be absent (chunked).
-    The body is read here (FastAPI reads it whole anyway) and replayed to the app.
+    The body is read here (FastAPI reads it whole anyway) and replayed to the app; later
+    messages (the disconnect) reach the app through one pump.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
@@ -72,6 +73,18 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        # One reader of the connection from here on: the handler's disconnect checks and the
+        # streaming response's both read this queue, and the pump keeps the transport read,
+        # so a client that goes away is noticed even while the handler only computes.
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+
+        async def pump() -> None:
+            while True:
+                message = await receive()
+                await inbox.put(message)
+                if message["type"] == "http.disconnect":
+                    return
+
         replayed = False
 
         async def replay() -> Message:
@@ -79,9 +92,13 @@ class BodyLimit:
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # from here on: disconnects, seen by the handler
+            return await inbox.get()
 
-        await self.app(scope, replay, send)
+        pumping = asyncio.ensure_future(pump())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            pumping.cancel()
 
     async def _too_large(self, send: Send) -> None:
         error = ApiError(413, f"request body over {self.max_bytes} bytes")
