@@ -29,15 +29,6 @@ WAIT_MS = 20_000
 
 
 @pytest.fixture
-def mesh(qwen3_model: Path, tmp_path: Path) -> Iterator[LocalMesh]:
-    mesh = LocalMesh(tmp_path, str(qwen3_model))
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
-
-
-@pytest.fixture
 def page() -> Iterator[Page]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: the dashboard test needs the system Chromium, which "

@@ -245,11 +245,11 @@ class ShardRuntime:
             if frame.position == 0 and not frame.batch:
                 self._tail.count_stages(list(frame.route), self._identity)
             if frame.sample:
-                self._tail.finish(frame, rows, h)
+                self._tail.finish(frame, rows, requests, h)
             else:
                 # A prompt chunk needs only the KV caches, as in mlx-lm's prefill: the last
                 # layer's attention output and MLP are never computed.
-                self._tail.observe(rows)
+                self._tail.observe(rows, requests)
                 mx.eval([cache.state for cache in caches.values()])
 
     def _reserve_kv(self, frame: pb.Frame) -> bool:

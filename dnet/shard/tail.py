@@ -41,15 +41,14 @@ class Tail:
         """A request's first frame lists the shards it passed: one train per stage."""
         self.scheduler.max_trains = max(self.scheduler.max_trains, len(set(route) | {me}))
 
-    def observe(self, rows: Rows) -> None:
+    def observe(self, rows: Rows, requests: list) -> None:
         """A prompt chunk reached the end of the model: remember its tokens (penalties)."""
-        for request_id, tokens in zip(rows.request_ids, rows.tokens, strict=True):
-            self._requests(request_id).sampler.observe(tokens)
+        for request, tokens in zip(requests, rows.tokens, strict=True):
+            request.sampler.observe(tokens)
 
-    def finish(self, frame: pb.Frame, rows: Rows, h: mx.array) -> None:
+    def finish(self, frame: pb.Frame, rows: Rows, requests: list, h: mx.array) -> None:
         """A decode step reached the end of the model: sample every row, send the results."""
-        self.observe(rows)
-        requests = [self._requests(r) for r in rows.request_ids]
+        self.observe(rows, requests)
         logits = self.stage.logits(h)
         drawn = [request.sampler.sample(logits[i:i + 1]) for i, request in enumerate(requests)]
         mx.eval([token for token, _ in drawn])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.purity import imported_roots
+
 DISCOVERY_DIR = Path(__file__).resolve().parents[2] / "discovery"
 PURE_MODULES = ["identity.py", "peers.py", "election.py", "txt.py"]
 FORBIDDEN = {
@@ -23,16 +25,6 @@ FORBIDDEN = {
     "zeroconf",
     "concurrent",
 }
-
-
-def imported_roots(source: str) -> set[str]:
-    roots: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
 
 
 def discovery_imports(source: str) -> set[str]:
