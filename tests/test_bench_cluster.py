@@ -25,13 +25,12 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import bench_cluster  # noqa: E402
 import cluster_report as cr  # noqa: E402
-from cluster_lan import (  # noqa: E402
+from cluster_lan import RUN_ENV, stale_tags  # noqa: E402
+from cluster_links import (  # noqa: E402
     PRESET_DELAYS,
-    RUN_ENV,
     LinkPreset,
     LinkShape,
     rate_bits_per_s,
-    stale_tags,
     tbf_burst_bytes,
 )
 from cluster_nodes import cpu_set, node_cpu_sets, placement_from_topology  # noqa: E402
@@ -167,9 +166,10 @@ def test_render_gives_ratios_with_absolute_figures_and_says_what_the_links_carry
     assert "0.89 (0.89 to 0.89)" in with_netem  # the same, less the 0.1 ms delay
 
 
-def test_the_report_module_is_pure() -> None:
-    source = (REPO / "tools" / "cluster_report.py").read_text()
-    assert imported_roots(source) <= {"__future__", "enum", "statistics", "dataclasses"}
+@pytest.mark.parametrize("module", ["cluster_report.py", "cluster_links.py"])
+def test_the_definitions_are_pure(module: str) -> None:
+    source = (REPO / "tools" / module).read_text()
+    assert imported_roots(source) <= {"__future__", "enum", "statistics", "dataclasses", "re"}
 
 
 # ----- links, CPUs, topology, arguments -------------------------------------------------------
@@ -366,5 +366,17 @@ def test_an_interrupted_run_leaves_nothing(tmp_path: Path, signum: int, when: st
         out, err = finish(tool, tmp_path, 120)
     assert tool.returncode == code, err
     assert "stopping every process, removing the namespaces" in err
+    assert "| configuration |" not in out
+    assert leftovers(tag) == []
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_run_that_fails_to_start_leaves_nothing(tmp_path: Path) -> None:
+    tool = start_tool(["--manual", "--start-timeout", "0.1"], tmp_path)
+    tag = f"dnbc{tool.pid}"
+    out, err = finish(tool, tmp_path, RUN_S)
+    assert tool.returncode == 1, err
+    assert "error: dnet, 1 node: not ready after 0 s" in err
     assert "| configuration |" not in out
     assert leftovers(tag) == []

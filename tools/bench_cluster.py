@@ -18,7 +18,7 @@ Needs root (namespaces), iproute2 (`ip`, `tc`) and util-linux (`taskset`). Every
 namespace it makes is removed by id on exit, on Ctrl-C, SIGTERM or SIGHUP, and on errors;
 namespaces left by a run that was SIGKILLed are removed by the next run.
 
-Usage (the full run takes about 10 minutes on a quiet 2-core machine):
+Usage (expect about 10 minutes for the full run on a quiet 2-core machine):
     sudo uv run python tools/bench_cluster.py [--manual] [--nodes 1,2] [--json out.json]
 Smoke run:
     sudo uv run python tools/bench_cluster.py --layers 2 --hidden 64 --prompt-lengths 32 \\
@@ -28,6 +28,7 @@ Smoke run:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -44,17 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import machine_info, model_info  # noqa: E402
-from cluster_lan import (  # noqa: E402
-    PRESET_DELAYS,
-    ClusterLan,
-    LanError,
-    LinkPreset,
-    LinkShape,
-    rate_bits_per_s,
-    remove_stale,
-    run_tag,
-    run_thread_in,
-)
+from cluster_lan import ClusterLan, LanError, remove_stale, run_tag, run_thread_in  # noqa: E402
+from cluster_links import PRESET_DELAYS, LinkPreset, LinkShape, rate_bits_per_s  # noqa: E402
 from cluster_measure import Measurer  # noqa: E402
 from cluster_nodes import ClusterStartError, NodeSlot, RingCluster, node_cpu_sets  # noqa: E402
 from cluster_report import Link, Mode, Report, render  # noqa: E402
@@ -92,15 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens of one stream")
     p.add_argument("--streams", type=int_list, default=[1, 4, 8, 16])
     p.add_argument("--stream-tokens", type=int, default=64,
-                   help="tokens of each concurrent stream")
+                   help="tokens of each concurrent stream (below 16 the figures are noise: "
+                        "tokens the client reads in one burst share a timestamp)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions of the decode figures")
     p.add_argument("--ttft-repeats", type=int, default=1)
     p.add_argument("--link", choices=[p.value for p in LinkPreset], default="10gbe",
                    help="one-way delay preset for every link (needs netem; default 10gbe)")
     p.add_argument("--rate", default="10gbit", help="rate limit of every link (tc tbf)")
     p.add_argument("--memory-budget", default=None,
-                   help="mesh mode: each node's --memory-budget (e.g. 30MB), to make the "
-                        "planner split a model that one node could hold")
+                   help="mesh mode: every node's --memory-budget (e.g. 30MB), to make the "
+                        "planner split a model that one node could hold (every "
+                        "configuration gets it: a 1-node mesh must then still fit)")
     p.add_argument("--floor-count", type=int, default=500, help="raw gRPC round trips")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -169,6 +163,14 @@ def context_for(args: argparse.Namespace) -> int:
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The generated model. Why the defaults (measured on the 2-core AMD EPYC we build on,
+    one core each): hidden 384 and 6 layers make one decode step take about 9-10 ms, so a
+    step's compute outweighs a hop's ~0.1 ms as on real hardware, and 6 layers split evenly
+    over 1, 2 and 3 nodes. MLX's CPU matmuls run at only 5-7 GFLOP/s here, so a prefill
+    token costs nearly what a decode step does and an 8192-token prompt takes about 100 s
+    per configuration, which is what bounds the model's size. float32, because bf16 is the
+    slower one on this backend (matrix-vector 3.1 against 5.7 GFLOP/s, attention 3.7
+    against 4.8)."""
     return ModelSpec(arch="qwen3", dtype=args.dtype, num_layers=args.layers,
                      hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_heads=8,
                      num_kv_heads=4, vocab_size=1024,
@@ -192,16 +194,28 @@ def make_clusters(args: argparse.Namespace, lan: ClusterLan, model: Path) -> lis
     return clusters
 
 
-def run(args: argparse.Namespace, lan: ClusterLan, started: float) -> Report:
+def pin_client(args: argparse.Namespace) -> str:
+    """Put this thread (and the threads it starts: the HTTP client's) on the CPUs no node
+    uses, when there are any; otherwise it shares theirs, and the report says so."""
+    available = sorted(os.sched_getaffinity(0))
+    used = max(args.nodes) * args.cpus_per_node
+    spare = available[used:]
+    if not spare:
+        return f"{','.join(map(str, available))} (shared with the nodes: no CPU is spare)"
+    os.sched_setaffinity(0, spare)  # 0: the calling thread only
+    return ",".join(map(str, spare))
+
+
+def run(args: argparse.Namespace, lan: ClusterLan, model: Path, info: dict,
+        started: float) -> Report:
     """Everything after the LAN exists; runs on a thread inside the client namespace."""
-    model = cached_model(model_spec(args), cache_dir=Path(args.cache_dir))
-    info = model_info(model, model_spec(args))
-    log(started, f"model {info['name']}: {info['parameters'] / 1e6:.1f} M parameters")
     clusters = make_clusters(args, lan, model)
+    client_cpus = pin_client(args)
     measurer = Measurer(args, lan, model, info["vocab_size"], clusters,
                         lambda message: log(started, message))
     machine = machine_info()
     machine["kernel"] = platform.release()
+    measurer.cpus["benchmark's HTTP client"] = client_cpus
     measurer.start()
     measurer.measure()
     machine["loadavg_end"] = os.getloadavg()[0]
@@ -225,35 +239,30 @@ def _json_default(value: object) -> object:
     return value.value if isinstance(value, Enum) else str(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    problem = environment_problem()
-    if problem:
-        print(f"bench_cluster: {problem}", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
-    for name in remove_stale():
-        log(started, f"removed {name}, left by an earlier run that was killed")
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dnet-bench-cluster-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    lan = ClusterLan(run_tag(os.getpid()), log_dir)
+def measure_and_clean_up(args: argparse.Namespace, lan: ClusterLan,
+                         started: float) -> tuple[int, Report | None]:
+    """Build the cluster and measure it; whatever happens, stop and remove all of it.
+    Returns the exit status (0, 1 on errors, 130 on SIGINT, 143 on SIGTERM/SIGHUP)."""
+    code, report = 1, None
     # Explicitly: a shell starting us in the background would have us ignore SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_terminated)
-    code, report = 1, None
     try:
-        shape = LinkShape(args.rate, PRESET_DELAYS[LinkPreset(args.link)])
-        lan.build(sum(args.nodes), shape)
+        model = cached_model(model_spec(args), cache_dir=Path(args.cache_dir))
+        info = model_info(model, model_spec(args))
+        log(started, f"model {info['name']}: {info['parameters'] / 1e6:.1f} M parameters")
+        lan.build(sum(args.nodes), LinkShape(args.rate, PRESET_DELAYS[LinkPreset(args.link)]))
         log(started, f"namespaces {lan.tag}-*: {len(lan.hosts)} node(s), links tbf {args.rate}"
             f"; {lan.netem_note}")
         assert lan.client is not None
-        thread, outcome = run_thread_in(lan.client.namespace, lambda: run(args, lan, started))
+        benchmark = functools.partial(run, args, lan, model, info, started)
+        thread, outcome = run_thread_in(lan.client.namespace, benchmark)
         while thread.is_alive():
             thread.join(0.2)
         if "error" in outcome:
             raise outcome["error"]
-        report, code = outcome["value"], 0
+        code, report = 0, outcome["value"]
     except KeyboardInterrupt:
         log(started, "interrupted: stopping every process, removing the namespaces")
         code = 130
@@ -270,7 +279,22 @@ def main(argv: list[str] | None = None) -> int:
         problems = lan.close()
         for problem in problems:
             log(started, f"cleanup: {problem}")
-        code = code or (1 if problems else 0)
+    return (code or (1 if problems else 0)), report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = environment_problem()
+    if problem:
+        print(f"bench_cluster: {problem}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    for name in remove_stale():
+        log(started, f"removed {name}, left by an earlier run that was killed")
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dnet-bench-cluster-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    code, report = measure_and_clean_up(args, ClusterLan(run_tag(os.getpid()), log_dir),
+                                        started)
     if report is not None:
         print(render(report))
         if args.json:

@@ -28,6 +28,7 @@ from dnet.local_ring import even_split
 HTTP_PORT = 8080
 GRPC_PORT = 50501
 POLL_S = 0.5
+ERROR_GRACE_S = 30.0  # a coordinator error that outlasts its retries: give up
 
 
 class ClusterStartError(RuntimeError):
@@ -56,6 +57,8 @@ class RingCluster:
     process_names: list[str] = field(default_factory=list)
     entry_url: str = ""
     placement: Placement | None = None
+    error: str = ""  # the coordinator's last error while starting, and since when
+    error_since: float = 0.0
 
     @property
     def nodes(self) -> int:
@@ -117,9 +120,12 @@ class RingCluster:
                                         f"start-up (logs in {lan.log_dir})")
             if ready():
                 return
+            if self.error and time.monotonic() - self.error_since > ERROR_GRACE_S:
+                raise ClusterStartError(f"{self.label}: the mesh cannot start: {self.error}")
             time.sleep(POLL_S)
-        raise ClusterStartError(f"{self.label}: not ready after {timeout_s:.0f} s "
-                                f"(logs in {lan.log_dir})")
+        raise ClusterStartError(f"{self.label}: not ready after {timeout_s:.0f} s"
+                                + (f"; last error: {self.error}" if self.error else "")
+                                + f" (logs in {lan.log_dir})")
 
     def _manual_ready(self) -> bool:
         head = self.slots[0].host.address
@@ -134,6 +140,9 @@ class RingCluster:
                  for s in self.slots]
         if any(view is None for view in views):
             return False
+        error = next((v["last_error"] for v in views if v.get("last_error")), "")
+        if error != self.error:
+            self.error, self.error_since = error, time.monotonic()
         placement = placement_from_topology(views[0], [s.name for s in self.slots],
                                             self.num_layers)
         if placement is None or any(v["epoch"] != views[0]["epoch"] for v in views):
