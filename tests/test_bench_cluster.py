@@ -113,7 +113,7 @@ def report(two: cr.ConfigResult, netem: bool = False, lengths: tuple = (512, 819
     link = cr.Link("10gbit", "10gbe", 0.1, netem, "netem available" if netem else
                    "the kernel has no netem qdisc")
     return cr.Report(machine, model, settings, cr.Mode.MESH, link,
-                     {"mlx-lm": "0", "dnet, 2 nodes node2": "1"}, base, [one, two],
+                     {"mlx-lm": "0", "dnet, 2 nodes: node2": "1"}, base, [one, two],
                      floor_rtt_ms=[0.2], floor_bytes=1536, elapsed_s=42)
 
 
@@ -160,6 +160,7 @@ def test_render_gives_ratios_with_absolute_figures_and_says_what_the_links_carry
     assert rows["dnet, 2 nodes"].endswith("| 0.99 (0.99 to 0.99) |")
     assert "NOT added, the kernel has no netem qdisc" in text
     assert "Linux 6.1" in text and "Test CPU, 2 cores" in text and "MLX 0.32" in text
+    assert "pinned: mlx-lm on CPU 0; dnet, 2 nodes: node2 on CPU 1" in text
     assert "0.100 ms one way above the link delay" in text
     with_netem = cr.render(report(two, netem=True))
     assert "0.1 ms one-way delay per hop, added with netem" in with_netem

@@ -215,8 +215,8 @@ def run(args: argparse.Namespace, lan: ClusterLan, model: Path, info: dict,
                         lambda message: log(started, message))
     machine = machine_info()
     machine["kernel"] = platform.release()
-    measurer.cpus["benchmark's HTTP client"] = client_cpus
     measurer.start()
+    measurer.cpus["the benchmark's HTTP client"] = client_cpus
     measurer.measure()
     machine["loadavg_end"] = os.getloadavg()[0]
     link = Link(args.rate, args.link, PRESET_DELAYS[LinkPreset(args.link)].delay_ms,

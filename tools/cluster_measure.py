@@ -53,7 +53,7 @@ class Measurer:
         for cluster in self.clusters:
             cluster.start(self.lan, self.lan.log_dir / "state")
             for slot in cluster.slots:
-                self.cpus[f"{cluster.label} {slot.name}"] = slot.cpus
+                self.cpus[f"{cluster.label}: {slot.name}"] = slot.cpus
         self.say(f"started mlx-lm and {len(self.clusters)} ring(s); waiting for them")
         self.baseline = Baseline(process, self.model)
         for cluster, result in zip(self.clusters, self.ring_results, strict=True):

@@ -278,7 +278,10 @@ def header_lines(report: Report) -> list[str]:
              f"NOT added, {link.netem_note}; the links carry no added delay")
     if link.wanted_delay_ms == 0:
         delay = "no added delay (preset none)"
-    pins = ", ".join(f"{name}: CPU {cpus}" for name, cpus in report.cpus.items())
+    pins = "; ".join(f"{name} on CPU {cpus}" for name, cpus in report.cpus.items())
+    how = {Mode.MESH: "`dnet join` on every node, requests entering at the node holding "
+                      "layer 0",
+           Mode.MANUAL: "`dnet shard` on every node, `dnet api` beside the first on its CPUs"}
     return [
         f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, MLX {m['mlx']} "
         f"({m['mlx_device']}), mlx-lm {m['mlx_lm']}, Python {m['python']}; 1-min load "
@@ -287,8 +290,8 @@ def header_lines(report: Report) -> list[str]:
            if busy else ""),
         f"- model: {mod['name']}, {mod['parameters'] / 1e6:.1f} M parameters, "
         f"{mod['mib']:.1f} MiB, random weights",
-        f"- nodes: {report.mode.value} mode, each node in its own network namespace; "
-        f"pinned: {pins}",
+        f"- nodes: {report.mode.value} mode ({how[report.mode]}), each node in a network "
+        f"namespace of its own; pinned: {pins}",
         f"- links: veth pairs on a bridge, tbf {link.rate} each way; {delay}",
         f"- settings: decode over {s['decode_tokens']} tokens after a {s['short_prompt']}-token "
         f"prompt, {s['stream_tokens']} tokens per concurrent stream; median of {s['repeats']} "
