@@ -44,7 +44,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import httpx  # noqa: E402
 from bench import machine_info, model_info  # noqa: E402
+from cluster_baseline import BaselineDied  # noqa: E402
 from cluster_lan import ClusterLan, LanError, remove_stale, run_tag, run_thread_in  # noqa: E402
 from cluster_links import PRESET_DELAYS, LinkPreset, LinkShape, rate_bits_per_s  # noqa: E402
 from cluster_measure import Measurer  # noqa: E402
@@ -207,7 +209,7 @@ def pin_client(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace, lan: ClusterLan, model: Path, info: dict,
-        started: float) -> Report:
+        started: float, load_before: float) -> Report:
     """Everything after the LAN exists; runs on a thread inside the client namespace."""
     clusters = make_clusters(args, lan, model)
     client_cpus = pin_client(args)
@@ -215,6 +217,7 @@ def run(args: argparse.Namespace, lan: ClusterLan, model: Path, info: dict,
                         lambda message: log(started, message))
     machine = machine_info()
     machine["kernel"] = platform.release()
+    machine["loadavg_start"] = load_before  # before we generated the model or started much
     measurer.start()
     measurer.cpus["the benchmark's HTTP client"] = client_cpus
     measurer.measure()
@@ -248,6 +251,7 @@ def measure_and_clean_up(args: argparse.Namespace, lan: ClusterLan,
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_terminated)
+    load_before = os.getloadavg()[0]
     try:
         model = cached_model(model_spec(args), cache_dir=Path(args.cache_dir))
         info = model_info(model, model_spec(args))
@@ -256,7 +260,7 @@ def measure_and_clean_up(args: argparse.Namespace, lan: ClusterLan,
         log(started, f"namespaces {lan.tag}-*: {len(lan.hosts)} node(s), links tbf {args.rate}"
             f"; {lan.netem_note}")
         assert lan.client is not None
-        benchmark = functools.partial(run, args, lan, model, info, started)
+        benchmark = functools.partial(run, args, lan, model, info, started, load_before)
         thread, outcome = run_thread_in(lan.client.namespace, benchmark)
         while thread.is_alive():
             thread.join(0.2)
@@ -269,7 +273,7 @@ def measure_and_clean_up(args: argparse.Namespace, lan: ClusterLan,
     except Terminated as exc:
         log(started, f"{exc}: stopping every process, removing the namespaces")
         code = 143
-    except (ClusterStartError, LanError) as exc:
+    except (ClusterStartError, LanError, BaselineDied, httpx.HTTPError) as exc:
         log(started, f"error: {exc}")
     except Exception:  # anything else: the traceback, then the same cleanup
         traceback.print_exc()
