@@ -64,6 +64,7 @@ class ModelSpec:
     weight_files: int = 3
     init_scale: float = 0.3
     seed: int = 0
+    max_position_embeddings: int = 4096  # the longest prompt plus answer it accepts
 
     def validate(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -76,13 +77,17 @@ class ModelSpec:
             raise ValueError("quantized models need hidden_size to be a multiple of 64")
         if self.num_layers < 1 or self.weight_files < 1:
             raise ValueError("num_layers and weight_files must be at least 1")
+        if self.max_position_embeddings < 1:
+            raise ValueError("max_position_embeddings must be at least 1")
 
     @property
     def name(self) -> str:
         precision = f"q{self.quant_bits}" if self.quant_bits else self.dtype
+        context = "" if self.max_position_embeddings == 4096 else \
+            f"-C{self.max_position_embeddings}"
         return (
             f"{self.arch}-{precision}-L{self.num_layers}-H{self.hidden_size}"
-            f"-I{self.intermediate_size}-V{self.vocab_size}-s{self.seed}"
+            f"-I{self.intermediate_size}-V{self.vocab_size}-s{self.seed}{context}"
         )
 
 
@@ -130,7 +135,7 @@ def model_config(spec: ModelSpec, vocab_size: int) -> dict:
         "num_key_value_heads": spec.num_kv_heads,
         "rms_norm_eps": 1e-6,
         "vocab_size": vocab_size,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": spec.max_position_embeddings,
         "rope_theta": 10000.0,
         "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
         "torch_dtype": spec.dtype,
