@@ -6,9 +6,10 @@ each request carries its own key. Splitting that key once per token reproduces t
 
 Two additions live here too, because only the tail sees logits:
 - constrained sampling: an llguidance grammar (`SamplingParams.grammar`) masks the tokens
-  that would leave it. The mask is applied after the top-p/min-p/top-k filters and the
-  random draw is a Gumbel-max over the same noise, so the token the model would have chosen
-  is still chosen whenever the grammar allows it;
+  that would leave it. Greedy picks the best allowed token; sampling first draws as it would
+  without the grammar and draws again among the allowed tokens only if the grammar refuses
+  that token. Either way the token the model would have chosen is still chosen whenever the
+  grammar allows it, and sampling follows exactly the masked distribution;
 - prompt log-probabilities (`SamplingParams.prompt_logprobs`), scored from the prompt
   chunks' hidden states, for `echo` with `logprobs`.
 """
@@ -229,15 +230,19 @@ class TokenSampler:
         filtered = logprobs
         for apply_filter in self.filters:
             filtered = apply_filter(filtered)
-        if allowed is not None:
-            # Mask after the filters, so an allowed choice of the model stays the choice; if
-            # the filters left no allowed token, sample among the allowed ones unfiltered.
-            masked = mx.where(allowed, filtered, -mx.inf)
-            fallback = mx.where(allowed, logprobs, -mx.inf)
-            filtered = mx.where(mx.any(masked > -mx.inf), masked, fallback)
         self.key, subkey = mx.random.split(self.key)
-        token = mx.random.categorical(filtered * (1.0 / self.temperature), key=subkey)
-        return token, logprobs
+        scale = 1.0 / self.temperature
+        token = mx.random.categorical(filtered * scale, key=subkey)
+        if allowed is None:
+            return token, logprobs
+        # The draw the model makes without the grammar stands when the grammar allows it;
+        # otherwise draw again among the allowed tokens (unfiltered if the filters left
+        # none). P(t) = p(t) + p(refused) * p(t) / p(allowed) = p(t) / p(allowed): exactly
+        # the masked distribution.
+        masked = mx.where(allowed, filtered, -mx.inf)
+        masked = mx.where(mx.any(masked > -mx.inf), masked, mx.where(allowed, logprobs, -mx.inf))
+        again = mx.random.categorical(masked * scale, key=mx.random.split(subkey)[1])
+        return mx.where(allowed[token], token, again), logprobs
 
     def describe(self, token: mx.array, logprobs: mx.array) -> Sample:
         """Evaluate one sampled step into plain numbers, with top log-probabilities if asked;

@@ -96,7 +96,7 @@ class FakeBackend:
         return self
 
     def accepts_model(self, name: str | None) -> bool:
-        return name in (None, "", self.model_name, "default_model")
+        return name in (None, "", "m", self.model_name, "default_model")
 
     async def generate(self, prompt: list[int],
                        sampling: pb.SamplingParams) -> AsyncIterator[pb.Token]:
@@ -112,3 +112,22 @@ class FakeBackend:
                            prompt_logprobs=self.prompt_scores if i == 0 else [])
             if finish:
                 return
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(model_cache: Path) -> Path:
+    return fetch_qwen3_tokenizer(model_cache)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vocab_model(qwen3_tokenizer_dir: Path, model_cache: Path) -> Path:
+    from dnet.modelgen import cached_model
+
+    return cached_model(qwen3_vocab_spec(qwen3_tokenizer_dir), cache_dir=model_cache)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qwen3_vocab_model: Path):
+    from dnet.tokenizer import load_chat_tokenizer
+
+    return load_chat_tokenizer(qwen3_vocab_model)

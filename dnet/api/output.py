@@ -90,6 +90,11 @@ class OutputParser:
         self.parse_tools = parse_tools and tokenizer.tools is not None
         self._tool_text = ""
         self._in_tool = False
+        # After a marker (`</think>`, `</tool_call>`), newlines that belong to the template's
+        # layout (Qwen3 renders "</think>\n\n" + answer) are not text: they are dropped.
+        self._channel = Channel.REASONING if state == Channel.REASONING.value else \
+            Channel.CONTENT
+        self._fresh = False
 
     @property
     def reasoning(self) -> bool:
@@ -122,14 +127,19 @@ class OutputParser:
                 continue
             if self._in_tool:
                 parts += self._close_tool()
+            channel = Channel.REASONING if state == Channel.REASONING.value else Channel.CONTENT
+            if channel is not self._channel:
+                self._channel, self._fresh = channel, True
+            if self._fresh and not self.raw:
+                text = text.lstrip("\n")
             if text:
-                channel = Channel.REASONING if state == Channel.REASONING.value else \
-                    Channel.CONTENT
+                self._fresh = False
                 parts.append(Delta(channel, text))
         return parts
 
     def _close_tool(self) -> list[Part]:
         text, self._tool_text, self._in_tool = self._tool_text, "", False
+        self._fresh = True
         markers = self.tokenizer.tools.markers if self.tokenizer.tools else None
         raw = f"{markers.start}{text}{markers.end}" if markers else text
         if not self.parse_tools:
