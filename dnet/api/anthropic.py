@@ -18,7 +18,15 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from dnet.api.chat import Conversation, ToolChoice, ToolChoiceKind, count_prompt, prepare_chat
+from dnet.api.chat import (
+    Conversation,
+    FormatKind,
+    OutputFormat,
+    ToolChoice,
+    ToolChoiceKind,
+    count_prompt,
+    prepare_chat,
+)
 from dnet.api.errors import ApiError, Surface
 from dnet.api.generation import (
     Answer,
@@ -73,8 +81,17 @@ class AnthropicToolChoice(_Body):
 
 
 class ThinkingConfig(_Body):
-    type: Literal["enabled", "disabled"]
+    type: Literal["enabled", "disabled", "adaptive"]  # adaptive: the model's template decides
     budget_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class JsonOutputFormat(_Body):
+    type: Literal["json_schema"]
+    schema_: Annotated[dict[str, Any], Field(alias="schema")]
+
+
+class OutputConfig(_Body):
+    format: JsonOutputFormat | None = None  # structured output: the answer is this JSON
 
 
 class CountTokensRequest(_Body):
@@ -84,6 +101,7 @@ class CountTokensRequest(_Body):
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -102,9 +120,11 @@ class MessagesRequest(CountTokensRequest):
                        stops=tuple(self.stop_sequences or ()))
 
 
-def _text(content: str | list[dict[str, Any]], where: str) -> str:
+def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or a list of blocks", param=where)
     return "".join(part_text(block, f"{where}[{j}]") for j, block in enumerate(content))
 
 
@@ -177,16 +197,20 @@ def conversation_of(body: CountTokensRequest) -> Conversation:
         choice = ToolChoice(kinds[body.tool_choice.type], body.tool_choice.name)
         parallel = not body.tool_choice.disable_parallel_tool_use
     kwargs = {}
-    if body.thinking is not None:
+    if body.thinking is not None and body.thinking.type != "adaptive":
         kwargs["enable_thinking"] = body.thinking.type == "enabled"
+    fmt = OutputFormat()
+    if body.output_config is not None and body.output_config.format is not None:
+        fmt = OutputFormat(FormatKind.JSON_SCHEMA, body.output_config.format.schema_,
+                           param="output_config.format.schema")
     return Conversation(messages=messages, tools=tools, tool_choice=choice,
-                        parallel_tool_calls=parallel, template_kwargs=kwargs)
+                        parallel_tool_calls=parallel, output_format=fmt, template_kwargs=kwargs)
 
 
 def check_thinking(body: MessagesRequest) -> int | None:
     """The thinking budget in tokens, enforced as a limit on reasoning tokens."""
     thinking = body.thinking
-    if thinking is None or thinking.type == "disabled":
+    if thinking is None or thinking.type != "enabled":
         return None
     if thinking.budget_tokens is None:
         raise ApiError(400, "thinking.budget_tokens is required when thinking is enabled")

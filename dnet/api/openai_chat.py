@@ -51,13 +51,16 @@ from dnet.api.streaming import (
 log = logging.getLogger(__name__)
 
 IMAGE_PARTS = ("image_url", "input_image", "image")
+TEXT_PARTS = ("text", "input_text", "output_text", "reasoning_text")
 CONTENT_REQUIRED = ("system", "developer", "user", "tool")
 
 
 def part_text(part: dict[str, Any], where: str) -> str:
     """The text of a content part; ApiError (400) for images and other kinds."""
+    if not isinstance(part, dict):
+        raise ApiError(400, f"{where} must be a content part object", param=where)
     kind = part.get("type")
-    if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+    if kind in TEXT_PARTS and isinstance(part.get("text"), str):
         return part["text"]
     if kind in IMAGE_PARTS:
         raise ApiError(400, f"{where}: images are not supported; this model takes text only",
@@ -82,6 +85,8 @@ def arguments_object(arguments: str | dict, where: str) -> dict:
     """Tool-call arguments as an object, as chat templates expect them."""
     if isinstance(arguments, dict):
         return arguments
+    if not isinstance(arguments, str):
+        raise ApiError(400, f"{where} must be a JSON object or its text", param=where)
     try:
         value = json.loads(arguments or "{}")
     except json.JSONDecodeError as exc:

@@ -118,6 +118,9 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     for i, item in enumerate(body.input):
         where = f"input[{i}]"
         kind = item.get("type", "message")
+        for name in ("call_id", "name", "role"):
+            if name in item and not isinstance(item[name], str):
+                raise ApiError(400, f"{where}.{name} must be a string", param=f"{where}.{name}")
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -129,6 +132,9 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                 message["reasoning_content"], reasoning = "".join(reasoning), []
             messages.append(message)
         elif kind == "function_call":
+            if not item.get("name") or not item.get("call_id"):
+                raise ApiError(400, f"{where}: a function_call needs a name and a call_id",
+                               param=where)
             call = {"id": item.get("call_id"), "type": "function", "function": {
                 "name": item.get("name"), "arguments": arguments_object(
                     item.get("arguments", "{}"), f"{where}.arguments")}}
@@ -141,10 +147,12 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                 messages.append(last)
             last.setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
+            if not item.get("call_id"):
+                raise ApiError(400, f"{where}.call_id is required", param=f"{where}.call_id")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                              "content": _item_text(item.get("output", ""), f"{where}.output")})
         elif kind == "reasoning":
-            reasoning += [str(part.get("text", "")) for part in item.get("content") or []]
+            reasoning.append(_item_text(item.get("content") or [], f"{where}.content"))
         else:
             raise ApiError(400, f"{where}: input items of type {kind!r} are not supported",
                            param=where)
