@@ -95,6 +95,9 @@ class FakeBackend:
         self.script = [self.tokenizer.encode(text) + [eos] for text in texts]
         return self
 
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.tokenizer.token_bytes(i) for i in ids).decode()
+
     def accepts_model(self, name: str | None) -> bool:
         return name in (None, "", "m", self.model_name, "default_model")
 

@@ -153,7 +153,8 @@ def test_anthropic_tool_round_trip(claude: anthropic.Anthropic, stream: bool) ->
 def test_anthropic_structured_output_gives_schema_valid_json(claude: anthropic.Anthropic) -> None:
     message = claude.messages.create(
         model="default_model", max_tokens=120, messages=USER, thinking={"type": "disabled"},
-        extra_body={"temperature": 0.0}, output_config={"format": {"type": "json_schema", "schema": WEATHER}})
+        extra_body={"temperature": 0.0},
+        output_config={"format": {"type": "json_schema", "schema": WEATHER}})
     assert message.stop_reason == "end_turn"
     jsonschema.validate(json.loads(message.content[0].text), WEATHER)
 

@@ -51,11 +51,7 @@ def anthropic_client(backend: FakeBackend) -> anthropic.Anthropic:
 
 
 def last_prompt(backend: FakeBackend) -> str:
-    return backend.tokenizer_text(backend.calls[-1][0])
-
-
-FakeBackend.tokenizer_text = lambda self, ids: b"".join(  # type: ignore[attr-defined]
-    self.tokenizer.token_bytes(i) for i in ids).decode()
+    return backend.decode(backend.calls[-1][0])
 
 
 # ----- OpenAI chat completions --------------------------------------------------------------
