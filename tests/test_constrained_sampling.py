@@ -156,3 +156,29 @@ def test_the_prompt_scorer_gives_each_tokens_log_probability_across_chunks() -> 
         assert entry.logprob == pytest.approx(reference[k, prompt[k + 1]].item(), abs=1e-5)
         best = sorted(range(vocab), key=lambda i: -reference[k, i].item())[:3]
         assert list(entry.top_ids) == best
+
+
+@pytest.mark.parametrize(("prompt_tail", "state", "accepted", "refused"), [
+    # Thinking left to the model (Qwen3's default): a think block may come first, or not.
+    ("<|im_start|>assistant\n", "normal",
+     ["<think>\nhmm\n</think>\n\n{\"a\": 1}", "{\"a\": 1}"], ["hello {\"a\": 1}"]),
+    # The template opened the block (thinking-only models): reasoning, then the answer.
+    ("<|im_start|>assistant\n<think>\n", "reasoning",
+     ["hmm, well\n</think>\n\n{\"a\": 1}"], ["{\"a\": 1}"]),
+    # The template closed an empty block (enable_thinking false): the answer right away.
+    ("<|im_start|>assistant\n<think>\n\n</think>\n\n", "normal",
+     ["{\"a\": 1}"], ["<think>\nhmm\n</think>\n\n{\"a\": 1}"]),
+])
+def test_thinking_passes_the_grammar_untouched_and_the_answer_is_constrained(
+        qwen3_vocab_model: Path, qwen3_tokenizer, prompt_tail: str, state: str,
+        accepted: list[str], refused: list[str]) -> None:
+    from llguidance import LLMatcher
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    prompt = qwen3_tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n" + prompt_tail)
+    grammar = constraints.json_grammar(qwen3_tokenizer, prompt, state, schema, "schema")
+    tokenizer = grammar_tokenizer(qwen3_vocab_model, VOCAB)
+    for text, ok in [*((t, True) for t in accepted), *((t, False) for t in refused)]:
+        matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        ids = [*qwen3_tokenizer.encode(text), 151645]
+        assert (matcher.validate_tokens(ids) == len(ids)) is ok, text

@@ -100,14 +100,20 @@ def _grammar(tokenizer: ChatTokenizer, prompt: list[int], state: str,
     return ""
 
 
+def offered_tools(conversation: Conversation) -> list[dict] | None:
+    """The tools the template shows the model: none when tool_choice is "none"."""
+    if conversation.tool_choice.kind is ToolChoiceKind.NONE:
+        return None
+    return conversation.tools or None
+
+
 def prepare_chat(tokenizer: ChatTokenizer, conversation: Conversation, *,
                  escape: bool = True) -> PreparedChat:
     """Prompt ids, grammar and output parsing for a conversation; ApiError (400) for what
     cannot be served."""
     check_tools(tokenizer, conversation)
-    offered = conversation.tools if conversation.tool_choice.kind is not ToolChoiceKind.NONE \
-        else None
-    prompt = render_chat(tokenizer, conversation.messages, offered or None,
+    offered = offered_tools(conversation)
+    prompt = render_chat(tokenizer, conversation.messages, offered,
                          conversation.template_kwargs, escape=escape)
     state = initial_state(tokenizer, prompt)
     grammar = _grammar(tokenizer, prompt, state, conversation)
@@ -120,7 +126,5 @@ def count_prompt(tokenizer: ChatTokenizer, conversation: Conversation, *,
                  escape: bool = True) -> int:
     """Tokens the conversation's prompt takes (Anthropic's count_tokens)."""
     check_tools(tokenizer, conversation)
-    offered = conversation.tools if conversation.tool_choice.kind is not ToolChoiceKind.NONE \
-        else None
-    return len(render_chat(tokenizer, conversation.messages, offered or None,
+    return len(render_chat(tokenizer, conversation.messages, offered_tools(conversation),
                            conversation.template_kwargs, escape=escape))
