@@ -229,11 +229,22 @@ async def steps(backend: Backend, job: Job) -> AsyncIterator[Step]:
     """The answer step by step; the last step carries the finish reason. Raises RingError
     (from the backend) when the ring fails the request."""
     reader = _Reader(backend.tokenizer, job)
-    async for token in backend.generate(job.prompt, job.sampling):
-        step = reader.step(token)
-        yield step
-        if step.finish is not None:
-            return
+    tokens = backend.generate(job.prompt, job.sampling)
+    try:
+        async for token in tokens:
+            step = reader.step(token)
+            yield step
+            if step.finish is not None:
+                return
+    finally:
+        await close(tokens)  # at once: the entry releases the request's KV caches
+
+
+async def close(source: AsyncIterator) -> None:
+    """Close an async generator now rather than whenever it is garbage-collected."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 @dataclass

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from dnet.api.entry import RingError
 from dnet.api.errors import ApiError, ring_error
+from dnet.api.generation import close
 
 T = TypeVar("T")
 FAILURES = (RingError, ApiError)  # what can end an answer that has started
@@ -38,8 +39,11 @@ async def merge(sources: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
     """Items of several async iterators as they come, tagged with the source's index. An
     exception from any source is raised here; closing this closes every source."""
     if len(sources) == 1:
-        async for item in sources[0]:
-            yield 0, item
+        try:
+            async for item in sources[0]:
+                yield 0, item
+        finally:
+            await close(sources[0])
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -76,9 +80,12 @@ async def first_item(source: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
         raise ring_error(exc.status, exc.message) from exc
 
     async def again() -> AsyncIterator[T]:
-        yield first
-        async for item in source:
-            yield item
+        try:
+            yield first
+            async for item in source:
+                yield item
+        finally:
+            await close(source)
 
     return first, again()
 
