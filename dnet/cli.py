@@ -78,7 +78,19 @@ def _add_http_limits(p: argparse.ArgumentParser) -> None:
                    default=int(os.environ.get("DNET_MAX_REQUESTS", 64)),
                    help="concurrent requests this node accepts; past it a 429 (default 64)")
     p.add_argument("--api-key", default=os.environ.get("DNET_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on the HTTP API")
+                   help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on the "
+                        "HTTP API")
+    p.add_argument("--cors-origins", default=os.environ.get("DNET_CORS_ORIGINS", "*"),
+                   help="origins browsers may call the API from, comma-separated "
+                        "(default *: any)")
+    p.add_argument("--special-tokens-in-messages", action="store_true",
+                   default=os.environ.get("DNET_SPECIAL_TOKENS_IN_MESSAGES") == "1",
+                   help="let special-token strings in chat messages (e.g. <|im_end|>) act as "
+                        "control tokens, as before; by default they are plain text")
+
+
+def _origins(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
 
 
 def _add_cluster_key(p: argparse.ArgumentParser) -> None:
@@ -141,15 +153,20 @@ def add_api_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_api_command(args: argparse.Namespace) -> int:
+    from dnet.api.app import HttpOptions
     from dnet.api.entry import Timeouts
     from dnet.api.server import run_api
     from dnet.model_files import ModelNotFoundError
+    from dnet.tokenizer import load_chat_tokenizer
 
     timeouts = Timeouts(first_token_s=max(300.0, args.token_timeout),
                         next_token_s=args.token_timeout)
     try:
         run_api(args.model, args.address, args.shard, max_context=args.max_context,
-                timeouts=timeouts, max_requests=args.max_requests, api_key=args.api_key)
+                timeouts=timeouts, max_requests=args.max_requests,
+                http=HttpOptions(api_key=args.api_key, cors_origins=_origins(args),
+                                 special_tokens_in_messages=args.special_tokens_in_messages),
+                load_tokenizer=load_chat_tokenizer)
     except (ModelNotFoundError, OSError) as exc:
         print(f"dnet api: {exc}", file=sys.stderr)
         return 1
@@ -211,7 +228,9 @@ def run_join_command(args: argparse.Namespace) -> int:
                           memory_budget_bytes=budget, cluster_key=args.cluster_key,
                           state_dir=Path(args.state_dir), kv_ttl_s=args.kv_ttl,
                           context_tokens=args.context, kv_cap_bytes=args.max_kv_bytes,
-                          max_requests=args.max_requests, api_key=args.api_key)
+                          max_requests=args.max_requests, api_key=args.api_key,
+                          cors_origins=_origins(args),
+                          special_tokens_in_messages=args.special_tokens_in_messages)
     try:
         node = Node(options)
     except (OSError, ValueError) as exc:

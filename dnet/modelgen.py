@@ -65,6 +65,9 @@ class ModelSpec:
     init_scale: float = 0.3
     seed: int = 0
     max_position_embeddings: int = 4096  # the longest prompt plus answer it accepts
+    # A directory of real tokenizer files to use instead of the toy BPE (tokenizer.json,
+    # tokenizer_config.json, and generation_config.json / special_tokens_map.json if there).
+    tokenizer_dir: str = ""
 
     def validate(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -85,9 +88,10 @@ class ModelSpec:
         precision = f"q{self.quant_bits}" if self.quant_bits else self.dtype
         context = "" if self.max_position_embeddings == 4096 else \
             f"-C{self.max_position_embeddings}"
+        tokenizer = f"-T{Path(self.tokenizer_dir).name}" if self.tokenizer_dir else ""
         return (
             f"{self.arch}-{precision}-L{self.num_layers}-H{self.hidden_size}"
-            f"-I{self.intermediate_size}-V{self.vocab_size}-s{self.seed}{context}"
+            f"-I{self.intermediate_size}-V{self.vocab_size}-s{self.seed}{context}{tokenizer}"
         )
 
 
@@ -123,7 +127,25 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> int:
     return tokenizer.get_vocab_size()
 
 
-def model_config(spec: ModelSpec, vocab_size: int) -> dict:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def copy_tokenizer(source: Path, out_dir: Path) -> tuple[int, int]:
+    """Use given tokenizer files; returns (vocabulary size with added tokens, eos id)."""
+    from tokenizers import Tokenizer
+
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, out_dir / name)
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    eos = json.loads((source / "tokenizer_config.json").read_text())["eos_token"]
+    eos = eos["content"] if isinstance(eos, dict) else eos
+    return tokenizer.get_vocab_size(with_added_tokens=True), tokenizer.token_to_id(eos)
+
+
+def model_config(spec: ModelSpec, vocab_size: int,
+                 eos_token_id: int = SPECIAL_TOKENS.index("<|im_end|>")) -> dict:
     """A config.json in the shape the Hugging Face / mlx-lm model classes read."""
     head_dim = spec.hidden_size // spec.num_heads
     common = {
@@ -137,7 +159,7 @@ def model_config(spec: ModelSpec, vocab_size: int) -> dict:
         "vocab_size": vocab_size,
         "max_position_embeddings": spec.max_position_embeddings,
         "rope_theta": 10000.0,
-        "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
+        "eos_token_id": eos_token_id,
         "torch_dtype": spec.dtype,
     }
     if spec.arch == "qwen3":
@@ -222,8 +244,11 @@ def generate_model(out_dir: str | Path, spec: ModelSpec | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".gen-", dir=out_dir.parent if out_dir.parent.exists()
                                     else None))
     try:
-        vocab_size = build_tokenizer(staging, spec.vocab_size)
-        config = model_config(spec, vocab_size)
+        if spec.tokenizer_dir:
+            size, eos = copy_tokenizer(Path(spec.tokenizer_dir), staging)
+            config = model_config(spec, max(size, spec.vocab_size), eos)
+        else:
+            config = model_config(spec, build_tokenizer(staging, spec.vocab_size))
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
         _randomize(model, spec)

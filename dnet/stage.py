@@ -103,6 +103,7 @@ class Stage:
 
     def __init__(self, model_dir: Path, layers: list[int], *, window: int | None = None) -> None:
         config = read_config(model_dir)
+        self.model_dir = Path(model_dir)  # the tail loads the tokenizer from it (grammars)
         model_type = config.get("model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(

@@ -12,6 +12,9 @@ import pytest
 from dnet.local_ring import LocalRing
 from dnet.modelgen import ModelSpec, cached_model
 
+# Fixtures of the API tests: Qwen3's real tokenizer and a model of its vocabulary.
+pytest_plugins = ("tests.api_support",)
+
 QWEN3_BF16 = ModelSpec(arch="qwen3", dtype="bfloat16")
 QWEN3_Q4 = ModelSpec(arch="qwen3", dtype="bfloat16", quant_bits=4)
 DEEPSEEK_F32 = ModelSpec(arch="deepseek_v2", dtype="float32")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import uvicorn
-from mlx_lm.utils import load_tokenizer
 
-from dnet.api.app import create_app
+from dnet.api.app import HttpOptions, create_app
 from dnet.api.entry import (
     DEFAULT_MAX_REQUESTS,
     EntryService,
@@ -17,6 +16,7 @@ from dnet.api.entry import (
     Timeouts,
     local_address_towards,
 )
+from dnet.api.tokenizer import ChatTokenizer
 from dnet.model_files import read_config, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring.links import start_server
@@ -31,10 +31,10 @@ class RingBackend:
     """A model served by a ring, seen from one entry node."""
 
     def __init__(self, model_name: str, model_dir: Path, entry: RingEntry,
-                 max_context: int | None = None) -> None:
+                 tokenizer: ChatTokenizer, max_context: int | None = None) -> None:
         config = read_config(model_dir)
         self.model_name = model_name
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = tokenizer
         self.vocab_size = int(config["vocab_size"])
         self.max_context = max_context or int(config.get("max_position_embeddings") or 4096)
         self.entry = entry
@@ -60,7 +60,10 @@ def split_address(address: str, default_port: int) -> tuple[str, int]:
 
 def run_api(model: str, listen: str, first_shard: str, *, max_context: int | None = None,
             timeouts: Timeouts | None = None, max_requests: int = DEFAULT_MAX_REQUESTS,
-            api_key: str | None = None) -> None:
+            http: HttpOptions | None = None,
+            load_tokenizer: Callable[[Path], ChatTokenizer]) -> None:
+    """Serve the API; `load_tokenizer` builds the model's tokenizer (dnet.tokenizer's
+    `load_chat_tokenizer`: it loads MLX, which this package does not import)."""
     host, port = split_address(listen, 8080)
     model_dir = resolve_metadata(model)
     entry = RingEntry(first_shard, timeouts=timeouts or Timeouts())
@@ -70,9 +73,9 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
     shard_host, _ = split_address(first_shard, 50501)
     advertised = local_address_towards(shard_host) if host in WILDCARDS else host
     entry.address = f"{advertised}:{sink_port}"
-    backend = RingBackend(model, model_dir, entry, max_context)
-    app = create_app(backend, api_key=api_key, extra_health=lambda: {"head": first_shard,
-                                                    "token_sink": entry.address})
+    backend = RingBackend(model, model_dir, entry, load_tokenizer(model_dir), max_context)
+    app = create_app(backend, options=http, extra_health=lambda: {"head": first_shard,
+                                                                  "token_sink": entry.address})
     log.info("API on http://%s:%d, first shard %s, token sink %s", host or "0.0.0.0", port,
              first_shard, entry.address)
     try:

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
 from discovery.peers import is_healthy
-from dnet.api.app import create_app
-from dnet.api.schema import ApiError
+from dnet.api.app import HttpOptions, create_app
+from dnet.api.errors import ApiError
 from dnet.node.host import ServedModel
 from dnet.proto import dnet_ring_pb2 as pb
 
@@ -73,7 +73,9 @@ class LoadBody(BaseModel):
 
 
 def create_node_app(node: Node) -> FastAPI:
-    app = create_app(MeshBackend(node), api_key=node.options.api_key, extra_health=lambda: {
+    options = HttpOptions(api_key=node.options.api_key, cors_origins=node.options.cors_origins,
+                          special_tokens_in_messages=node.options.special_tokens_in_messages)
+    app = create_app(MeshBackend(node), options=options, extra_health=lambda: {
         "role": "node", "node_id": node.node_id, "epoch": node.host.epoch})
 
     @app.get("/v1/topology")

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_lm.utils import load_tokenizer
-
 from dnet.api.entry import RingEntry
 from dnet.model_files import format_layers, read_config, resolve_for_layers, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.shard.router import MeshRouter
 from dnet.shard.runtime import ShardRuntime
 from dnet.stage import Stage
+from dnet.tokenizer import load_chat_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +140,6 @@ class EpochHost:
             return self.served
         model_dir: Path = resolve_metadata(model)
         config = read_config(model_dir)
-        return ServedModel(name=model, tokenizer=load_tokenizer(model_dir),
+        return ServedModel(name=model, tokenizer=load_chat_tokenizer(model_dir),
                            max_context=int(config.get("max_position_embeddings") or 4096),
                            vocab_size=int(config["vocab_size"]))

@@ -47,6 +47,8 @@ class JoinOptions:
     kv_cap_bytes: int | None = None
     max_requests: int = 64
     api_key: str | None = None
+    cors_origins: tuple[str, ...] = ("*",)
+    special_tokens_in_messages: bool = False
 
 
 class Node:

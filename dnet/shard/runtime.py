@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import mlx.core as mx
@@ -30,7 +31,7 @@ import psutil
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import codec
 from dnet.ring.links import LinkPool, open_frames, open_tokens
-from dnet.sampling import TokenSampler
+from dnet.sampling import TokenSampler, grammar_tokenizer
 from dnet.shard.frames import FrameRejected, RequestIds, Rows, check_frame, rows_of
 from dnet.shard.groups import GroupCaches
 from dnet.shard.router import RouteError, Router
@@ -249,7 +250,7 @@ class ShardRuntime:
             else:
                 # A prompt chunk needs only the KV caches, as in mlx-lm's prefill: the last
                 # layer's attention output and MLP are never computed.
-                self._tail.observe(rows, requests)
+                self._tail.observe(rows, requests, h)
                 mx.eval([cache.state for cache in caches.values()])
 
     def _reserve_kv(self, frame: pb.Frame) -> bool:
@@ -280,7 +281,9 @@ class ShardRuntime:
             entry=frame.entry,
             head=frame.head,
             epoch=frame.epoch,
-            sampler=TokenSampler(sampling, self.vocab_size) if self.stage.holds_head else None,
+            sampler=TokenSampler(sampling, self.vocab_size, partial(
+                grammar_tokenizer, self.stage.model_dir, self.vocab_size))
+            if self.stage.holds_head else None,
             max_tokens=sampling.max_tokens,
             eos_token_ids=frozenset(sampling.eos_token_ids),
         )

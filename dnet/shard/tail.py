@@ -41,10 +41,17 @@ class Tail:
         """A request's first frame lists the shards it passed: one train per stage."""
         self.scheduler.max_trains = max(self.scheduler.max_trains, len(set(route) | {me}))
 
-    def observe(self, rows: Rows, requests: list) -> None:
-        """A prompt chunk reached the end of the model: remember its tokens (penalties)."""
+    def observe(self, rows: Rows, requests: list, h: mx.array | None = None) -> None:
+        """A prompt chunk reached the end of the model: remember its tokens (penalties), and
+        score them when the request asked for prompt log-probabilities (`h` is the last
+        layer's output for a prefill chunk, None for a sampled step)."""
         for request, tokens in zip(requests, rows.tokens, strict=True):
             request.sampler.observe(tokens)
+            scorer = request.sampler.scorer
+            if scorer is not None and h is not None:
+                scorer.add_chunk(tokens, h, self.stage.logits)
+            elif scorer is not None:
+                scorer.add_last(tokens[-1])
 
     def finish(self, frame: pb.Frame, rows: Rows, requests: list, h: mx.array) -> None:
         """A decode step reached the end of the model: sample every row, send the results."""
@@ -60,7 +67,7 @@ class Tail:
             index = state.generated
             state.generated += 1
             finish = ""
-            if sample.token in request.eos_token_ids:
+            if sample.token in request.eos_token_ids or sample.grammar_done:
                 finish = "stop"
             elif state.generated >= request.max_tokens:
                 finish = "length"
@@ -71,7 +78,8 @@ class Tail:
             tokens.append((request, pb.Token(
                 request_id=rows.request_ids[i], index=index, token=sample.token,
                 logprob=sample.logprob, top_ids=sample.top_ids,
-                top_logprobs=sample.top_logprobs, finish_reason=finish)))
+                top_logprobs=sample.top_logprobs, finish_reason=finish,
+                prompt_logprobs=request.sampler.take_prompt_logprobs())))
         if frame.batch or frame.request_id in self.scheduler.trains:
             dispatches = self.scheduler.passed(frame.request_id, continuing)
         else:  # a request's first token: it starts or waits for a train
