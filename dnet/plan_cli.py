@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from dnet.model_facts import profile_from_tensors, profile_model
 from planner import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_RESERVE_BYTES,
@@ -26,8 +27,6 @@ from planner import (
     PlanOptions,
     load_devices_json,
     plan_layers,
-    profile_from_tensors,
-    profile_model,
     to_json,
 )
 from planner.explain import human_bytes, layer_ranges
@@ -45,7 +44,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="local model directory, or a Hugging Face repo id (reads config and headers only)",
+        help="local model directory (a config.json alone will do), or a Hugging Face repo id "
+             "(reads config and headers only)",
     )
     parser.add_argument("--devices", required=True, type=Path, help="JSON list of device profiles")
     parser.add_argument(
