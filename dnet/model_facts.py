@@ -55,8 +55,12 @@ def skeleton(config: Mapping[str, Any]) -> nn.Module:
     """The model mlx-lm builds for `config`, with lazy (never computed) random parameters."""
     config = with_text_settings(dict(config))
     check_proven(config)
-    model_class, args_class = _get_classes(dict(config))
-    return model_class(args_class.from_dict(dict(config)))
+    model_class, args_class = _get_classes(config)
+    try:
+        return model_class(args_class.from_dict(config))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"config.json does not describe a {config.get('model_type')} model "
+                         f"mlx-lm can build: {exc}") from exc
 
 
 def _layers_and_inner(model: nn.Module) -> tuple[list[nn.Module], str]:
@@ -104,16 +108,22 @@ def _cache_size(cache: Any) -> LayerCache:
     raise UnsupportedModelError(f"cannot size a {type(cache).__name__}")
 
 
-def _split_bytes(model: nn.Module) -> tuple[list[int], int, int]:
-    """(bytes per layer, bytes before the layers, bytes after them) of a model's arrays."""
+def _split_bytes(model: nn.Module, tied: bool) -> tuple[list[int], int, int]:
+    """(bytes per layer, bytes before the layers, bytes after them) of a model's arrays.
+
+    With `tied` embeddings an lm_head the class builds anyway is dropped at load, as mlx-lm
+    does, so it is not counted.
+    """
     layers, inner_path = _layers_and_inner(model)
     per_layer = [sum(v.nbytes for _, v in tree_flatten(layer.parameters())) for layer in layers]
     first = last = 0
     for name, array in tree_flatten(model.parameters()):
         if name.startswith(f"{inner_path}.layers."):
             continue
-        if name.startswith(f"{inner_path}.norm.") or not name.startswith(f"{inner_path}."):
+        if name.startswith(f"{inner_path}.norm."):
             last += array.nbytes
+        elif not name.startswith(f"{inner_path}."):
+            last += 0 if tied else array.nbytes
         else:
             first += array.nbytes
     return per_layer, first, last
@@ -148,6 +158,7 @@ def _profile(config: Mapping[str, Any], name: str, dtype_bytes: int,
     layers, _ = _layers_and_inner(model)
     params = [active_params(layer, config) for layer in layers]
     head = _head_params(model) or model.model.embed_tokens.weight.size  # tied: the embedding
+    # (A tied model's class may build an lm_head anyway; its FLOPs are the same matmul.)
     layer_bytes, first, last, tied = sizes
     return ModelProfile(
         name=name,
@@ -172,8 +183,8 @@ def profile_from_config(config: Mapping[str, Any], name: str | None = None) -> M
     model.set_dtype(_DTYPES[dtype_bytes])
     if config.get("quantization"):
         _quantize(model, config["quantization"])
-    per_layer, first, last = _split_bytes(model)
-    tied = _head_params(model) == 0
+    tied = bool(config.get("tie_word_embeddings")) or _head_params(model) == 0
+    per_layer, first, last = _split_bytes(model, tied)
     return _profile(config, name or str(config.get("_name_or_path", config["model_type"])),
                     dtype_bytes, (per_layer, first, last, tied))
 

@@ -236,6 +236,11 @@ class Stage:
                 caches[i] = copy.deepcopy(template)
         return caches
 
+    @property
+    def cache_templates(self) -> list[Cache]:
+        """The model's cache for each layer (all layers), as its make_cache gives them."""
+        return self.structure.templates
+
     def embed(self, tokens: mx.array) -> mx.array:
         """[B, L] token ids -> [B, L, hidden] input of layer 0, as the model computes it."""
         return self.structure.prologue(tokens)
