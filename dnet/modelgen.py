@@ -231,7 +231,8 @@ _FAMILIES = {
     "gpt_oss": lambda spec, head_dim, experts: {
         **experts, "head_dim": head_dim, "num_local_experts": 4,
         "sliding_window": SLIDING_WINDOW,
-        "layer_types": ["sliding_attention", "full_attention"] * (spec.num_layers // 2),
+        "layer_types": (["sliding_attention", "full_attention"] * spec.num_layers)[
+            :spec.num_layers],
         "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 32.0,
                          "beta_slow": 1.0, "original_max_position_embeddings": 2048}},
     "qwen3_5": _qwen3_5,

@@ -10,12 +10,20 @@ run the same matrix.
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 
-from dnet.modelgen import SLIDING_WINDOW, ModelSpec
-from dnet.structure import PROVEN_MODEL_TYPES
+from dnet.modelgen import SLIDING_WINDOW, ModelSpec, model_config
+from dnet.stage import Stage
+from dnet.structure import (
+    PROVEN_MODEL_TYPES,
+    ModelStructure,
+    UnsupportedModelError,
+    check_proven,
+)
 from tests.conftest import FLOAT_SPECS, QUANT_SPECS, chat_prompt_ids, reference_tokens
 from tests.stage_ring import StageRing
 
@@ -101,3 +109,52 @@ def test_streamed_weights_give_the_same_tokens(name: str, make_model) -> None:
             assert ring.generate(prompt, MAX_TOKENS, temperature=0.0) == reference
     finally:
         ring.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "gemma3_text", "deepseek_v3"])
+def test_replay_on_a_re_planned_ring_continues_identically(arch: str, make_model) -> None:
+    """What the entry does when a node dies: the prompt and the tokens so far run again, in
+    the same steps, on the new ring; caches of every kind come back bit for bit."""
+    model = make_model(FLOAT_SPECS[arch])
+    prompt = prompts_for(model, arch)[1]
+    reference = reference_tokens(model, prompt, MAX_TOKENS, ignore_eos=True)
+    assert_diverse(reference)
+    old = StageRing(model, SPLITS["3-shards"])
+    request, token = old.prefill(prompt, temperature=0.0)
+    generated = [token]
+    for _ in range(5):
+        generated.append(old.step(request, [generated[-1]], sample=True))
+    old.close()  # the node is gone, and every cache with it
+    new = StageRing(model, SPLITS["multi-round"])
+    request, token = new.prefill(prompt, temperature=0.0)
+    assert token == generated[0]
+    for i, previous in enumerate(generated[:-1]):
+        assert new.step(request, [previous], sample=True) == generated[i + 1]
+    while len(generated) < MAX_TOKENS:
+        token = new.step(request, [generated[-1]], sample=True)
+        generated.append(token)
+    new.close()
+    assert generated == reference
+
+
+def test_unproven_types_are_refused_naming_the_proven_ones(make_model, tmp_path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(make_model(FLOAT_SPECS["qwen3"]), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    with pytest.raises(UnsupportedModelError, match="'mamba' is not supported: dnet runs "
+                                                    ".*gemma4_text.*qwen3_next"):
+        Stage(model, [0, 1])
+    # Types mlx-lm runs with a proven type's code are that code.
+    assert check_proven({"model_type": "kimi_k2"}) == "kimi_k2"
+
+
+def test_layers_fed_by_other_layers_are_refused_not_computed_wrong() -> None:
+    """Gemma 4's small variants give layers per-layer embeddings and other layers' keys and
+    values; a stage cannot replay those, so loading says so."""
+    from dnet.model_facts import skeleton
+
+    config = model_config(FLOAT_SPECS["gemma4_text"], 512)
+    for variant in ({"hidden_size_per_layer_input": 16}, {"num_kv_shared_layers": 3}):
+        with pytest.raises(UnsupportedModelError, match="inputs computed by other layers"):
+            ModelStructure(skeleton({**config, **variant}))

@@ -111,6 +111,7 @@ def test_sliding_window_models_decode_one_request_per_frame(make_model) -> None:
 # ----- through the ring ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_many_concurrent_requests_keep_their_tokens(make_model, start_ring) -> None:
     model = make_model(QWEN3_BF16)
     ring = start_ring(model, [[0, 1, 2, 3], [4, 5, 6, 7]])
