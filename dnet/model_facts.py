@@ -33,7 +33,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import _get_classes
 
 from dnet.model_files import read_config, with_text_settings
-from dnet.structure import UnsupportedModelError, check_proven
+from dnet.structure import ModelStructure, UnsupportedModelError, check_proven
 from planner.model_profile import (
     TORCH_DTYPE_BYTES,
     LayerCache,
@@ -155,6 +155,7 @@ def _quantize(model: nn.Module, quantization: Mapping[str, Any]) -> None:
 def _profile(config: Mapping[str, Any], name: str, dtype_bytes: int,
              sizes: tuple[list[int], int, int, bool]) -> ModelProfile:
     model = skeleton(config)
+    ModelStructure(model)  # refuses now, not at load, what a stage could not replay
     layers, _ = _layers_and_inner(model)
     params = [active_params(layer, config) for layer in layers]
     head = _head_params(model) or model.model.embed_tokens.weight.size  # tied: the embedding

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dnet.model_facts import profile_from_tensors, profile_model
+from dnet.structure import UnsupportedModelError
 from planner import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_RESERVE_BYTES,
@@ -37,7 +38,8 @@ EXIT_BAD_INPUT = 2
 
 
 class ModelResolutionError(Exception):
-    """The --model argument is neither a model directory nor a reachable Hugging Face repo."""
+    """The --model argument is neither a model directory nor a reachable Hugging Face repo,
+    or it is a model dnet cannot run."""
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,11 +107,14 @@ def _profile_from_hub(repo_id: str) -> ModelProfile:
 def resolve_model_profile(path_or_id: str) -> ModelProfile:
     """A local directory is profiled from its files; anything else is taken as a repo id."""
     path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return profile_model(path)
-    if path.exists():
-        raise ModelResolutionError(f"{path_or_id} is a file; --model needs a model directory")
-    return _profile_from_hub(path_or_id)
+    try:
+        if path.is_dir():
+            return profile_model(path)
+        if path.exists():
+            raise ModelResolutionError(f"{path_or_id} is a file; --model needs a model directory")
+        return _profile_from_hub(path_or_id)
+    except UnsupportedModelError as exc:
+        raise ModelResolutionError(str(exc)) from exc
 
 
 def render_plan(plan: Plan, console: Console) -> None:

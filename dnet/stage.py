@@ -155,18 +155,21 @@ class Stage:
             for i in progress(self.layers, f"loading {len(self.layers)} layers"):
                 mx.eval(self._layer_modules[i].parameters())
         del self.model.raw_names
-        dtype = self.structure.inner.norm.weight.dtype if self.holds_head else self._dtype()
-        self._caches = layer_caches(config, dtype)
+        self._caches = layer_caches(config, self._dtype())
         log.info("loaded layers %s of %d (%s), %s", format_layers(self.layers), total,
                  self.model_type, f"window {self.window}, streaming the rest from disk"
                  if self._weights else "all resident")
 
     def _dtype(self) -> mx.Dtype:
-        """The dtype activations run in: that of the layers' unquantized floats (norms)."""
-        for _, array in tree_flatten(self._layer_modules[self.layers[0]].parameters()):
-            if mx.issubdtype(array.dtype, mx.floating):
-                return array.dtype
-        raise UnsupportedModelError("a layer without floating-point weights")
+        """The dtype activations run in: that of the layers' norms (never quantized)."""
+        params = tree_flatten(self._layer_modules[self.layers[0]].parameters())
+        floats = [(name, a.dtype) for name, a in params if mx.issubdtype(a.dtype, mx.floating)]
+        for name, dtype in floats:
+            if name.endswith("norm.weight"):
+                return dtype
+        if not floats:
+            raise UnsupportedModelError("a layer without floating-point weights")
+        return floats[0][1]
 
     def close(self) -> None:
         if self._weights is not None:

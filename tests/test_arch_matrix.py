@@ -17,6 +17,8 @@ import shutil
 import pytest
 
 from dnet.modelgen import SLIDING_WINDOW, ModelSpec, model_config
+from dnet.shard.groups import batchable
+from dnet.shard.tail import Tail
 from dnet.stage import Stage
 from dnet.structure import (
     PROVEN_MODEL_TYPES,
@@ -107,6 +109,31 @@ def test_streamed_weights_give_the_same_tokens(name: str, make_model) -> None:
             reference = reference_tokens(model, prompt, MAX_TOKENS, ignore_eos=True)
             assert_diverse(reference)
             assert ring.generate(prompt, MAX_TOKENS, temperature=0.0) == reference
+    finally:
+        ring.close()
+
+
+@pytest.mark.parametrize("arch", sorted(FLOAT_SPECS))
+def test_four_requests_in_one_train_keep_their_own_tokens(arch: str, make_model) -> None:
+    """Decode steps batched across 4 requests (merged caches on every stage, as a train's)
+    give each request its single-request tokens; models that cannot batch exactly never do."""
+    model = make_model(FLOAT_SPECS[arch])
+    ring = StageRing(model, SPLITS["2-shards"])
+    try:
+        if not batchable(ring.stages[0].cache_templates):  # sliding windows: one per frame
+            tail = Tail(ring.stages[-1], lambda _: None, lambda *_: None, lambda *_: None)
+            assert tail.scheduler.max_batch == 1
+            return
+        rng = random.Random(arch)
+        prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 40, 17, 9)]
+        references = [reference_tokens(model, p, MAX_TOKENS, ignore_eos=True) for p in prompts]
+        for reference in references:
+            assert_diverse(reference)
+        started = [ring.prefill(prompt, temperature=0.0) for prompt in prompts]
+        rest = ring.decode_batched([request for request, _ in started],
+                                   [token for _, token in started], MAX_TOKENS - 1)
+        for (_, first), tokens, reference in zip(started, rest, references, strict=True):
+            assert [first, *tokens] == reference
     finally:
         ring.close()
 

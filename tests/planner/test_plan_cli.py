@@ -188,3 +188,14 @@ def test_plans_published_moe_configs_with_active_parameters(
     assert plan["breakdown_ms"]["compute"] == pytest.approx(active_ms, rel=1e-3)
     all_experts_ms = 1000 * 2 * (sum(profile.layer_bytes) / 2) / 2.0e12  # bf16: 2 bytes a weight
     assert plan["breakdown_ms"]["compute"] < all_experts_ms / 10
+
+
+def test_a_model_dnet_cannot_run_is_a_clean_error(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "mamba"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**QWEN3_CONFIG, "model_type": "mamba"}))
+    devices = write_devices(tmp_path / "devices.json", [10**9])
+    assert run(["--model", str(model), "--devices", str(devices)]) == 2
+    err = capsys.readouterr().err
+    assert "'mamba' is not supported: dnet runs" in err and "Traceback" not in err
