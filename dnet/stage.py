@@ -93,21 +93,21 @@ def _stage_model_classes(layers: set[int], total_layers: int):
                 return kept
 
             def _prune_ends(self):
-                structure = self.structure
-                inner = structure.inner
+                """Drop what runs before layer 0 and after the last one, where not held."""
+                inner = self.structure.inner
                 inner_path = next(p for p, m in self.named_modules() if m is inner)
-                head_params = [n for n, _ in tree_flatten(self.parameters())
-                               if not n.startswith(inner_path + ".")]
-                tied = not head_params
+                tied = not [n for n, _ in tree_flatten(self.parameters())
+                            if not n.startswith(inner_path + ".")]
                 if not holds_last:
-                    _hollow(inner, keep=("layers",) + (("embed_tokens",) if holds_first else ()))
+                    if "norm" in inner:
+                        del inner["norm"]
                     module: nn.Module = self
-                    for part in inner_path.split("."):  # everything beside the path to inner
+                    for part in inner_path.split("."):  # the head: beside the path to inner
                         _hollow(module, keep=(part,))
                         module = module[part]
-                if not holds_first:
-                    keep = ("layers", "norm") + (("embed_tokens",) if holds_last and tied else ())
-                    _hollow(inner, keep=keep)
+                if not holds_first:  # the embedding (the tail's head, when tied) and the like
+                    _hollow(inner, keep=("layers", "norm")
+                            + (("embed_tokens",) if holds_last and tied else ()))
 
         return StageModel, args_class
 
