@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dnet.local_ring import LocalRing
-from dnet.modelgen import ModelSpec, cached_model
+from dnet.modelgen import ARCHITECTURES, ModelSpec, cached_model
 
 # Fixtures of the API tests: Qwen3's real tokenizer and a model of its vocabulary.
 pytest_plugins = ("tests.api_support",)
@@ -20,6 +20,26 @@ QWEN3_Q4 = ModelSpec(arch="qwen3", dtype="bfloat16", quant_bits=4)
 DEEPSEEK_F32 = ModelSpec(arch="deepseek_v2", dtype="float32")
 LLAMA_F16 = ModelSpec(arch="llama", dtype="float16")
 QWEN2_Q8 = ModelSpec(arch="qwen2", dtype="bfloat16", quant_bits=8)
+
+# Types whose layers hold routed experts: on MLX's CPU backend their unquantized experts need
+# float32 (gather_mm); quantized experts (gather_qmm) run in bfloat16.
+MOE_TYPES = frozenset({"deepseek_v2", "qwen3_moe", "deepseek_v3", "kimi_k25", "gpt_oss",
+                       "glm4_moe", "qwen3_5_moe", "qwen3_next", "gemma4_text", "mixtral",
+                       "minimax"})
+# Every supported type in a float precision the CPU runs (float16 for Llama, float32 for
+# experts, bfloat16 otherwise) ...
+FLOAT_SPECS = {arch: ModelSpec(arch=arch, dtype="float32" if arch in MOE_TYPES else
+                               "float16" if arch == "llama" else "bfloat16")
+               for arch in ARCHITECTURES}
+# ... and quantized: 4-bit, 8-bit, or mlx-lm convert's mixed per-layer recipes, in bfloat16.
+_QUANT = {"qwen3": "mixed_3_6", "deepseek_v3": "mixed_4_6", "qwen3_next": "mixed_4_6",
+          "qwen2": 8, "mistral": 4, "llama": 8, "deepseek_v2": 8, "qwen3_moe": 4,
+          "kimi_k25": 4, "gpt_oss": 4, "glm4_moe": 8, "qwen3_5": 8, "qwen3_5_moe": 4,
+          "gemma3_text": 4, "gemma4_text": 8, "mixtral": 8, "minimax": 4}
+QUANT_SPECS = {arch: ModelSpec(arch=arch, dtype="bfloat16",
+                               quant_bits=q if isinstance(q, int) else None,
+                               quant_recipe=q if isinstance(q, str) else None)
+               for arch, q in _QUANT.items()}
 
 
 @pytest.fixture(scope="session")

@@ -254,7 +254,7 @@ class ShardRuntime:
                 mx.eval([cache.state for cache in caches.values()])
 
     def _reserve_kv(self, frame: pb.Frame) -> bool:
-        need = frame.sampling.max_context * self.stage.kv_bytes_per_token
+        need = self.stage.kv_bytes(frame.sampling.max_context)
         reserved = sum(self._kv_reserved.values())
         if self.kv_cap_bytes and reserved + need > self.kv_cap_bytes:
             log.warning("refused %s: its KV cache (%d bytes) would pass the cap (%d of %d "

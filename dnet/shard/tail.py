@@ -14,7 +14,8 @@ import mlx.core as mx
 
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.shard.frames import Rows
-from dnet.shard.trains import Dispatch, TrainScheduler
+from dnet.shard.groups import batchable
+from dnet.shard.trains import DEFAULT_MAX_BATCH, Dispatch, TrainScheduler
 from dnet.stage import Stage
 
 
@@ -35,7 +36,9 @@ class Tail:
         self._requests = requests  # request id -> ActiveRequest, or None once released
         self._send_step = send_step  # (head address, frame); "" means this shard's inbox
         self._send_token = send_token
-        self.scheduler = TrainScheduler()
+        # Models whose caches cannot batch exactly (sliding windows) decode one per frame.
+        self.scheduler = TrainScheduler(
+            max_batch=DEFAULT_MAX_BATCH if batchable(stage.cache_templates) else 1)
 
     def count_stages(self, route: list[str], me: str) -> None:
         """A request's first frame lists the shards it passed: one train per stage."""
