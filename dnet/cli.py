@@ -141,8 +141,8 @@ def add_api_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_api_command(args: argparse.Namespace) -> int:
-    from dnet.api.entry import Timeouts
     from dnet.api.server import run_api
+    from dnet.entry import Timeouts
     from dnet.model_files import ModelNotFoundError
 
     timeouts = Timeouts(first_token_s=max(300.0, args.token_timeout),

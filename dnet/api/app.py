@@ -1,7 +1,7 @@
 """The HTTP API: OpenAI-style chat and text completions over the ring.
 
 A request's path: the handler below tokenizes it (completion.py), the backend's entry sends
-it into the ring (entry.py), the shards run it (shard/runtime.py), and the tail's tokens come
+it into the ring (dnet/entry/), the shards run it (shard/runtime.py), and the tail's tokens come
 back through the entry to `pieces`, which turns them into text for the answer.
 """
 
@@ -31,8 +31,8 @@ from dnet.api.completion import (
     pieces,
     text_prompt,
 )
-from dnet.api.entry import RingError
 from dnet.api.schema import ApiError, ChatRequest, CompletionRequest
+from dnet.entry import RingError
 from dnet.web import mount_dashboard
 
 log = logging.getLogger(__name__)

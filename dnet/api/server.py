@@ -10,9 +10,10 @@ import uvicorn
 from mlx_lm.utils import load_tokenizer
 
 from dnet.api.app import create_app
-from dnet.api.entry import (
+from dnet.entry import (
     DEFAULT_MAX_REQUESTS,
     EntryService,
+    Inflight,
     RingEntry,
     Timeouts,
     local_address_towards,
@@ -63,13 +64,14 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
             api_key: str | None = None) -> None:
     host, port = split_address(listen, 8080)
     model_dir = resolve_metadata(model)
-    entry = RingEntry(first_shard, timeouts=timeouts or Timeouts())
-    entry.max_requests = max_requests
+    # The token sink listens first: the entry's address is the port it gets.
+    inflight = Inflight()
     sink_host = "0.0.0.0" if host in WILDCARDS else host
-    server, sink_port = start_server(EntryService(entry, model), sink_host, 0)
+    server, sink_port = start_server(EntryService(inflight, model), sink_host, 0)
     shard_host, _ = split_address(first_shard, 50501)
     advertised = local_address_towards(shard_host) if host in WILDCARDS else host
-    entry.address = f"{advertised}:{sink_port}"
+    entry = RingEntry(first_shard, address=f"{advertised}:{sink_port}", inflight=inflight,
+                      timeouts=timeouts or Timeouts(), max_requests=max_requests)
     backend = RingBackend(model, model_dir, entry, max_context)
     app = create_app(backend, api_key=api_key, extra_health=lambda: {"head": first_shard,
                                                     "token_sink": entry.address})

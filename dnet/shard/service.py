@@ -12,12 +12,19 @@ import grpc
 from dnet import __version__
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring.frames import FrameRejected, Status
 from dnet.ring.links import start_server
 from dnet.shard.router import ManualRouter
-from dnet.shard.runtime import FrameRejected, ShardRuntime
+from dnet.shard.runtime import ShardRuntime
 from dnet.stage import Stage
 
 log = logging.getLogger(__name__)
+
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def grpc_code(status: Status) -> grpc.StatusCode:
+    return _GRPC_CODES[int(status)]
 
 
 class ShardService(pb_grpc.RingServicer):
@@ -33,7 +40,7 @@ class ShardService(pb_grpc.RingServicer):
     def _accept(self, frame: pb.Frame) -> None:
         runtime = self.runtime
         if runtime is None:
-            raise FrameRejected(grpc.StatusCode.FAILED_PRECONDITION,
+            raise FrameRejected(Status.FAILED_PRECONDITION,
                                 "this node holds no layers in the current plan")
         runtime.accept(frame)
 
@@ -41,7 +48,7 @@ class ShardService(pb_grpc.RingServicer):
         try:
             self._accept(request)
         except FrameRejected as exc:
-            context.abort(exc.code, exc.message)
+            context.abort(grpc_code(exc.code), exc.message)
         return pb.Empty()
 
     def Frames(self, request_iterator: Iterator[pb.Frame],
@@ -52,7 +59,7 @@ class ShardService(pb_grpc.RingServicer):
             except FrameRejected as exc:
                 log.warning("rejected a frame of %s from %s: %s",
                             frame.request_id, context.peer(), exc.message)
-                yield pb.FrameStatus(request_id=frame.request_id, code=exc.code.value[0],
+                yield pb.FrameStatus(request_id=frame.request_id, code=int(exc.code),
                                      message=exc.message)
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Empty:
