@@ -73,11 +73,12 @@ class InProcessRing:
     prefill_chunk: int | None = None
     network: MemoryNetwork = field(default_factory=MemoryNetwork)
     members: list[Member] = field(default_factory=list)
-    epoch: int = 1
+    epoch: int = 0  # the plan epoch; each replan() makes the next
     _generation: int = 0
     _entry: RingEntry | None = None
     _entry_server: grpc.Server | None = None
     _http: Any = None
+    url: str = ""  # the HTTP API's base URL, once serve_http() runs
 
     # ----- lifecycle -------------------------------------------------------------------
 
@@ -121,6 +122,11 @@ class InProcessRing:
     def entry(self) -> RingEntry:
         assert self._entry is not None, "the ring is not started"
         return self._entry
+
+    @property
+    def model(self) -> str:
+        """The model's name, as the shards and the API report it."""
+        return str(self.model_dir)
 
     @property
     def head(self) -> str:
@@ -210,7 +216,8 @@ class InProcessRing:
         self._http_thread = threading.Thread(target=self._http.run, daemon=True, name="http")
         self._http_thread.start()
         wait_for(lambda: self._http.started, 30, "the HTTP server listens")
-        return f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
 
     # ----- internals -------------------------------------------------------------------
 

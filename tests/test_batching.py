@@ -78,6 +78,7 @@ def test_batched_decode_step_equals_single_steps(spec, make_model) -> None:
 # ----- through the ring ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts real processes
 def test_many_concurrent_requests_keep_their_tokens(make_model, start_ring) -> None:
     model = make_model(QWEN3_BF16)
     ring = start_ring(model, [[0, 1, 2, 3], [4, 5, 6, 7]])

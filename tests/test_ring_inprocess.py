@@ -8,6 +8,7 @@ however a request ends, a dead shard fails or replays the request) without a soc
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 from pathlib import Path
@@ -100,7 +101,10 @@ def test_a_client_that_stops_reading_frees_the_caches(ring: InProcessRing) -> No
     ring.wait_idle()
 
 
-def test_shards_free_the_caches_when_the_entry_vanishes(ring: InProcessRing) -> None:
+def test_shards_free_the_caches_when_the_entry_vanishes(ring: InProcessRing,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dnet.shard.runtime")
+
     async def vanish() -> None:
         source = ring.stream(prompt_of(5), 100_000)
         for _ in range(3):
@@ -112,6 +116,7 @@ def test_shards_free_the_caches_when_the_entry_vanishes(ring: InProcessRing) -> 
         await source.aclose()
 
     asyncio.run(vanish())
+    assert "is gone; releasing" in caplog.text  # the tail noticed, not a timeout
 
 
 def test_a_full_kv_cache_refuses_with_503_and_reserves_nothing(qwen3_model: Path) -> None:
@@ -139,7 +144,7 @@ def test_a_dead_shard_fails_the_request_with_503_in_manual_mode(ring: InProcessR
 
 
 def test_a_request_is_replayed_on_the_next_ring_with_the_same_tokens(
-        qwen3_model: Path) -> None:
+        qwen3_model: Path, caplog: pytest.LogCaptureFixture) -> None:
     prompt = prompt_of(30, seed=7)
     reference = reference_tokens(qwen3_model, prompt, 40, ignore_eos=True)
     assert_diverse(reference)
@@ -154,6 +159,8 @@ def test_a_request_is_replayed_on_the_next_ring_with_the_same_tokens(
             return got
 
         assert asyncio.run(die_and_replay()) == reference
+        assert "replaying it on the re-planned ring" in caplog.text
+        assert ring.epoch == 1 and ring.entry.epoch == 1  # the replay ran on the new plan
         ring.wait_idle()
 
 

@@ -13,6 +13,8 @@ from planner import profile_model
 from tests.conftest import DEEPSEEK_F32, QWEN3_BF16, QWEN3_Q4, chat_prompt_ids, reference_tokens
 from tests.test_identity import assert_diverse, chat_ids, completion_ids
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 MAX_TOKENS = 16
 
 # A model whose weights dominate the process: 8 layers of ~60 MB (bf16).
