@@ -13,7 +13,7 @@ from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 
 
-class EntryService(pb_grpc.RingServicer):
+class EntryService(pb_grpc.RingServicer):  # type: ignore[misc]  # generated untyped
     """An entry's token sink. It exists before the entry (whose address is the port it gets),
     so both share the entry's `Inflight` table."""
 
@@ -38,6 +38,6 @@ def local_address_towards(host: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect((socket.gethostbyname(host), 9))
-            return probe.getsockname()[0]
+            return str(probe.getsockname()[0])
         except OSError:
             return "127.0.0.1"

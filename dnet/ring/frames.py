@@ -101,6 +101,12 @@ class RequestStep:
     epoch: int
     opening: Opening | None  # set exactly when position == 0
 
+    def __post_init__(self) -> None:
+        if (self.opening is None) != (self.position != 0) or (
+                (self.hidden is None) != (self.layer == 0)):
+            raise ValueError("a request step carries its opening exactly at position 0, and "
+                             "hidden states exactly when it does not start at layer 0")
+
     @property
     def rows(self) -> Rows:
         return Rows((self.request_id,), (self.position,), (self.tokens,))
@@ -118,6 +124,12 @@ class TrainStep:
     hidden: pb.Tensor | None  # [members, 1, hidden]; None when layer == 0
     head: str
     epoch: int
+
+    def __post_init__(self) -> None:
+        if not len(self.members) == len(self.positions) == len(self.tokens) or (
+                (self.hidden is None) != (self.layer == 0)):
+            raise ValueError("a train step carries one position and one token per member, and "
+                             "hidden states exactly when it does not start at layer 0")
 
     @property
     def rows(self) -> Rows:

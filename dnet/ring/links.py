@@ -152,7 +152,7 @@ class StreamLink:
                 self._on_reply(reply)
             reason = "the peer closed the stream"
         except grpc.RpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+            reason = f"{exc.code().name}: {exc.details()}"
         except ValueError as exc:  # grpc raises this once the channel is closed under us
             reason = str(exc)
         with self._lock:
@@ -175,7 +175,7 @@ def _drain(outbox: queue.SimpleQueue[Any]) -> Iterator[Any]:
 
 
 def _pending(outbox: queue.SimpleQueue[Any]) -> list[Any]:
-    unsent = []
+    unsent: list[Any] = []
     while True:
         try:
             message = outbox.get_nowait()
@@ -213,7 +213,7 @@ class LinkPool:
             link.close()
 
 
-def start_server(services: pb_grpc.RingServicer | list[tuple[Callable, Any]], host: str,
+def start_server(services: pb_grpc.RingServicer | list[tuple[Callable[..., Any], Any]], host: str,
                  port: int, max_workers: int = 32) -> tuple[grpc.Server, int]:
     """Serve a Ring servicer (or (add_to_server, servicer) pairs) on host:port; 0 picks a
     free port. Returns (server, port)."""

@@ -22,7 +22,7 @@ from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 _END = object()
 
 
-class MemoryRpcError(grpc.RpcError):
+class MemoryRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
     """What a broken in-memory stream or a failed call raises, shaped like gRPC's errors."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:

@@ -283,9 +283,7 @@ class ShardRuntime:
         move = decisions.after_run(end, stage.num_layers, sample)
         if move is Move.FORWARD:
             mx.eval(h)
-            if isinstance(step, TrainStep) and len(live) < len(step.members):
-                step = step.select(live, None)
-            self._forward(step, requests, end, h)
+            self._forward(step, live, requests, end, h)
             return
         tail = self._tail
         assert tail is not None  # the shard that ends the model holds the head
@@ -329,18 +327,23 @@ class ShardRuntime:
         self._requests.open(step.request_id, request, self._clock())
         return True
 
-    def _forward(self, step: Step, requests: list[ActiveRequest], next_layer: int,
-                 h: mx.array) -> None:
+    def _forward(self, step: Step, live: list[int], requests: list[ActiveRequest],
+                 next_layer: int, h: mx.array) -> None:
+        """Send the rows `live` of `step` (whose requests are `requests`, whose activations
+        are `h`) on to the shard holding `next_layer`."""
+        hidden = codec.encode(h)
+        out = frames.next_hop(step, next_layer, hidden, self._identity)
+        if isinstance(out, TrainStep) and len(live) < len(out.members):
+            out = out.select(live, hidden)  # members released while the step was queued
         try:
             address = self._router.address_for(next_layer, step.head)
         except RouteError as exc:
-            for request_id in step.rows.request_ids:
+            for request_id in out.rows.request_ids:
                 self._fail(request_id, 503, str(exc))
             return
         for request in requests:
             request.sent_to.add(address)
-        self._out.frame(address, frames.next_hop(step, next_layer, codec.encode(h),
-                                                 self._identity))
+        self._out.frame(address, out)
 
     def _send_step(self, step: Step) -> None:
         """The tail's next decode step: into this shard's inbox, or to the head shard."""

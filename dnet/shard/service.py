@@ -21,13 +21,14 @@ from dnet.stage import Stage
 log = logging.getLogger(__name__)
 
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+NO_LAYERS = "this node holds no layers in the current plan"
 
 
 def grpc_code(status: Status) -> grpc.StatusCode:
     return _GRPC_CODES[int(status)]
 
 
-class ShardService(pb_grpc.RingServicer):
+class ShardService(pb_grpc.RingServicer):  # type: ignore[misc]  # generated untyped
     """Frames and releases go to the shard's runtime; a mesh node swaps runtimes per plan."""
 
     def __init__(self, runtime: ShardRuntime | Callable[[], ShardRuntime | None]) -> None:
@@ -40,8 +41,7 @@ class ShardService(pb_grpc.RingServicer):
     def _accept(self, frame: pb.Frame) -> None:
         runtime = self.runtime
         if runtime is None:
-            raise FrameRejected(Status.FAILED_PRECONDITION,
-                                "this node holds no layers in the current plan")
+            raise FrameRejected(Status.FAILED_PRECONDITION, NO_LAYERS)
         runtime.accept(frame)
 
     def Forward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Empty:
@@ -65,16 +65,20 @@ class ShardService(pb_grpc.RingServicer):
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Empty:
         runtime = self.runtime
         if runtime is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "this node holds no layers in the current plan")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_LAYERS)
+            return pb.Empty()  # not reached: abort raises
         runtime.release(request.request_id, request.propagate)
         return pb.Empty()
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        stage = self.runtime.stage
+        runtime = self.runtime
+        if runtime is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_LAYERS)
+            return pb.HealthReply()  # not reached: abort raises
+        stage = runtime.stage
         return pb.HealthReply(
-            role="shard", model=self.runtime.model_name, layers=stage.layers,
-            num_layers=stage.num_layers, active_requests=self.runtime.active_requests,
+            role="shard", model=runtime.model_name, layers=stage.layers,
+            num_layers=stage.num_layers, active_requests=runtime.active_requests,
             version=__version__, hidden_size=stage.hidden_size, window=stage.window,
         )
 
