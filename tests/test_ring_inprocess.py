@@ -229,3 +229,25 @@ def test_an_idle_cache_is_dropped_after_the_ttl(qwen3_model: Path) -> None:
         wait_for(lambda: ring.active() == [1], 10, "the shard holds the request's cache")
         wait_for(lambda: ring.active() == [0], 10, "the idle cache is dropped")
         assert len(ring.complete(prompt_of(5), 3)) == 3
+
+
+def test_streamed_weights_give_the_same_tokens(qwen3_model: Path) -> None:
+    # Shard 0 keeps 2 of its 5 layers resident and streams the rest from disk.
+    prompt = prompt_of(20, seed=11)
+    reference = reference_tokens(qwen3_model, prompt, 16, ignore_eos=True)
+    assert_diverse(reference)
+    with InProcessRing(qwen3_model, [[0, 1, 2, 6, 7], [3, 4, 5]], windows=[2, None]) as ring:
+        assert ring.runtimes()[0].stage.streaming
+        assert ring.complete(prompt, 16) == reference
+
+
+def test_the_seed_s_manual_routing_closes_the_ring_at_the_head(inprocess_ring) -> None:
+    from dnet.shard.router import ManualRouter
+
+    ring = inprocess_ring([[0, 1, 2, 3], [4, 5, 6, 7]], grpc=True, http=True)
+    head, second = ring.shard_addresses
+    # `-n` names the next shard: frames go there.
+    assert ManualRouter(second).address_for(4, head) == second
+    # The last shard's `-n` names the API: the ring closes at the head the frame names.
+    api = ring.url.removeprefix("http://")
+    assert ManualRouter(api).address_for(0, head) == head

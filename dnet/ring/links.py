@@ -124,6 +124,8 @@ class StreamLink:
         self._closed = False
 
     def send(self, message: Any) -> None:
+        """Queue `message` on the stream (opened on first use); raises ConnectionError once
+        the link is closed. A broken stream is reported through `on_broken`, not here."""
         with self._lock:
             if self._closed:
                 raise ConnectionError(f"link to {self.address} is closed")
@@ -198,6 +200,7 @@ class LinkPool:
         self._lock = threading.Lock()
 
     def send(self, address: str, message: Any) -> None:
+        """Queue `message` for `address`, opening a link to it on first use."""
         with self._lock:
             link = self._links.get(address)
             if link is None:

@@ -12,8 +12,9 @@ path round the ring:
 
 The tail samples on its own until the request ends (end-of-sequence token or max_tokens);
 the entry stops it early (stop string, client gone) with a release that follows the
-request's path and drops its KV cache on every shard. Decisions (what follows a run, KV
-admission, where a release goes, expiry) are pure functions in `dnet.shard.decisions`.
+request's path and drops its KV cache on every shard. Running a step is `steps.py`'s job
+(it returns what to send); decisions (what follows a run, KV admission, where a release
+goes, expiry) are pure functions in `decisions.py`; this module is the loop and the sending.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import time
 import uuid
 from collections.abc import Callable
 
-import mlx.core as mx
 import psutil
 
 from dnet.proto import dnet_ring_pb2 as pb
-from dnet.ring import codec, frames
+from dnet.ring import frames
 from dnet.ring.frames import (
     FrameRejected,
     Release,
@@ -40,21 +40,18 @@ from dnet.ring.frames import (
     TrainStep,
 )
 from dnet.ring.links import GRPC, Transport
-from dnet.sampling import TokenSampler
 from dnet.shard import decisions
-from dnet.shard.decisions import Move
 from dnet.shard.inbox import EntryGone, Inbound, LinkBroken, Outbox, Rejected, Retarget, Stop
 from dnet.shard.requests import (
     ActiveRequest,
     KvReservations,
-    OwnCaches,
     RequestIds,
     RequestTable,
-    TailState,
     TrainCaches,
 )
 from dnet.shard.router import RouteError, Router
-from dnet.shard.tail import Tail
+from dnet.shard.steps import Dropped, Filled, Forward, Refused, StepRunner
+from dnet.shard.tail import Tail, TailOutput
 from dnet.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -96,6 +93,7 @@ class ShardRuntime:
         self._trains = TrainCaches()
         self._kv = KvReservations(kv_cap_bytes)
         self._tail: Tail | None = None
+        self._steps: StepRunner | None = None  # built once the stage is loaded
         self._identity = uuid.uuid4().hex[:12]  # counted by the tail to learn the stages
         self._out = Outbox(self._inbox.put, transport)
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
@@ -212,6 +210,8 @@ class ShardRuntime:
                               for layer in range(start, end)}
             if stage.holds_head:
                 self._tail = Tail(stage, self._requests)
+            self._steps = StepRunner(stage, self._requests, self._trains, self._kv, self._tail,
+                                     vocab_size, self._identity, self._clock)
             self._view = ShardView(self._epoch, frozenset(stage.layers), vocab_size,
                                    stage.hidden_size)
             return True
@@ -252,98 +252,36 @@ class ShardRuntime:
     # ----- steps ------------------------------------------------------------------------
 
     def _step(self, step: Step) -> None:
-        stage = self.stage
-        if (isinstance(step, RequestStep) and step.opening is not None
-                and step.request_id not in self._requests and not self._open(step)):
-            return
-        rows = step.rows
-        live = [i for i, r in enumerate(rows.request_ids) if r in self._requests]
-        if not live:
-            return  # released while this step was queued
-        if len(live) < len(rows.request_ids):
-            rows = rows.select(live)
-        requests = [self._requests[r] for r in rows.request_ids]
-        for request, position in zip(requests, rows.positions, strict=True):
-            error = decisions.position_error(request.positions.get(step.layer, 0), position,
-                                             step.layer)
-            if error is not None:
-                raise RuntimeError(error)
-        self._requests.touch(rows.request_ids, self._clock())
-        caches = self._trains.for_step(step, rows.request_ids, requests)
-        if step.hidden is None:
-            h = stage.embed(mx.array([list(t) for t in rows.tokens], dtype=mx.uint32))
-        else:
-            h = codec.decode(step.hidden)
-            if len(live) < len(step.rows.request_ids):
-                h = h[mx.array(live)]
-        h, end = stage.forward(h, step.layer, caches)
-        for request, position in zip(requests, rows.positions, strict=True):
-            request.positions[step.layer] = position + rows.tokens_per_row
-        sample = isinstance(step, TrainStep) or step.sample
-        move = decisions.after_run(end, stage.num_layers, sample)
-        if move is Move.FORWARD:
-            mx.eval(h)
-            self._forward(step, live, requests, end, h)
-            return
-        tail = self._tail
-        assert tail is not None  # the shard that ends the model holds the head
-        if isinstance(step, RequestStep) and step.opening is not None:
-            tail.count_stages(step.opening.route, self._identity)
-        if move is Move.SAMPLE:
-            out = tail.finish(step, rows, requests, h)
-            for next_step in out.steps:  # on the critical path; the clients' copies are not
-                self._send_step(next_step)
-            for entry, token in out.tokens:
-                self._out.token(entry, token)
-        else:
-            # A prompt chunk needs only the KV caches, as in mlx-lm's prefill: the last
-            # layer's attention output and MLP are never computed.
-            tail.observe(rows, requests)
-            mx.eval([cache.state for cache in caches.values()])
+        assert self._steps is not None
+        match self._steps.run(step):
+            case Forward(out, requests):
+                self._forward(out, requests)
+            case TailOutput(steps, tokens):
+                for next_step in steps:  # on the critical path; the clients' copies are not
+                    self._send_step(next_step)
+                for entry, token in tokens:
+                    self._out.token(entry, token)
+            case Refused(request_id, entry, refusal):
+                log.warning("refused %s: its KV cache (%d bytes) would pass the cap (%d of %d "
+                            "bytes reserved)", request_id, refusal.need, refusal.reserved,
+                            refusal.cap)
+                self._ids.release(request_id, self._clock())
+                if entry:
+                    self._out.token(entry, frames.failure(request_id, 503, refusal.message))
+            case Filled() | Dropped():
+                pass
 
-    def _open(self, step: RequestStep) -> bool:
-        """Open a request at its first step; False (and the entry told) if it does not fit."""
-        stage = self.stage
-        assert step.opening is not None
-        sampling = step.opening.sampling
-        refusal = self._kv.reserve(step.request_id,
-                                   sampling.max_context * stage.kv_bytes_per_token)
-        if refusal is not None:
-            log.warning("refused %s: its KV cache (%d bytes) would pass the cap (%d of %d "
-                        "bytes reserved)", step.request_id, refusal.need, refusal.reserved,
-                        refusal.cap)
-            self._ids.release(step.request_id, self._clock())
-            if step.entry:
-                self._out.token(step.entry, frames.failure(step.request_id, 503,
-                                                            refusal.message))
-            return False
-        tail = None
-        if stage.holds_head:
-            assert self._view is not None
-            tail = TailState(TokenSampler(sampling, self._view.vocab_size),
-                             sampling.max_tokens, frozenset(sampling.eos_token_ids))
-        request = ActiveRequest(entry=step.entry, head=step.head, epoch=step.epoch,
-                                kv=OwnCaches(stage.new_caches()), tail=tail)
-        self._requests.open(step.request_id, request, self._clock())
-        return True
-
-    def _forward(self, step: Step, live: list[int], requests: list[ActiveRequest],
-                 next_layer: int, h: mx.array) -> None:
-        """Send the rows `live` of `step` (whose requests are `requests`, whose activations
-        are `h`) on to the shard holding `next_layer`."""
-        hidden = codec.encode(h)
-        out = frames.next_hop(step, next_layer, hidden, self._identity)
-        if isinstance(out, TrainStep) and len(live) < len(out.members):
-            out = out.select(live, hidden)  # members released while the step was queued
+    def _forward(self, step: Step, requests: list[ActiveRequest]) -> None:
+        """Send `step` on to the shard holding `step.layer`."""
         try:
-            address = self._router.address_for(next_layer, step.head)
+            address = self._router.address_for(step.layer, step.head)
         except RouteError as exc:
-            for request_id in out.rows.request_ids:
+            for request_id in step.rows.request_ids:
                 self._fail(request_id, 503, str(exc))
             return
         for request in requests:
             request.sent_to.add(address)
-        self._out.frame(address, out)
+        self._out.frame(address, step)
 
     def _send_step(self, step: Step) -> None:
         """The tail's next decode step: into this shard's inbox, or to the head shard."""
