@@ -17,8 +17,8 @@ import pytest
 from tests.purity import imported_roots
 
 REPO = Path(__file__).resolve().parent.parent
-PURE_MODULES = ["dnet/ring/frames.py", "dnet/shard/decisions.py", "dnet/shard/trains.py",
-                "dnet/entry/decisions.py"]
+PURE_MODULES = ["dnet/ring/frames.py", "dnet/serving.py", "dnet/shard/decisions.py",
+                "dnet/shard/trains.py", "dnet/entry/decisions.py"]
 FORBIDDEN = {"asyncio", "concurrent", "grpc", "httpx", "mlx", "mlx_lm", "multiprocessing",
              "queue", "selectors", "socket", "subprocess", "threading", "time", "zeroconf"}
 

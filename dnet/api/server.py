@@ -21,11 +21,11 @@ from dnet.entry import (
 from dnet.model_files import read_config, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring.links import start_server
+from dnet.serving import accepts_model, context_tokens
 
 log = logging.getLogger(__name__)
 
 WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
-DEFAULT_MODEL_ALIAS = "default_model"  # the model name in the seed's curl example
 
 
 class RingBackend:
@@ -37,12 +37,11 @@ class RingBackend:
         self.model_name = model_name
         self.tokenizer = load_tokenizer(model_dir)
         self.vocab_size = int(config["vocab_size"])
-        self.max_context = max_context or int(config.get("max_position_embeddings") or 4096)
+        self.max_context = max_context or context_tokens(config)
         self.entry = entry
-        self._aliases = {model_name, DEFAULT_MODEL_ALIAS, Path(model_name).name}
 
     def accepts_model(self, name: str | None) -> bool:
-        return not name or name in self._aliases
+        return accepts_model(self.model_name, name)
 
     def generate(self, prompt: list[int], sampling: pb.SamplingParams) -> AsyncIterator[pb.Token]:
         return self.entry.generate(prompt, sampling)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from dnet.ring.frames import Status
 
+DEFAULT_KV_TTL_S = 300.0  # an idle request's KV cache is dropped after this (`--kv-ttl`)
+TOMBSTONE_TTL_S = 600.0  # how long a released request's id is remembered
+
 
 class Move(enum.Enum):
     """What follows a run of layers on this shard."""

@@ -41,6 +41,7 @@ from dnet.ring.frames import (
 )
 from dnet.ring.links import GRPC, Transport
 from dnet.shard import decisions
+from dnet.shard.decisions import DEFAULT_KV_TTL_S, TOMBSTONE_TTL_S
 from dnet.shard.inbox import EntryGone, Inbound, LinkBroken, Outbox, Rejected, Retarget, Stop
 from dnet.shard.requests import (
     ActiveRequest,
@@ -56,10 +57,7 @@ from dnet.stage import Stage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KV_TTL_S = 300.0
-TOMBSTONE_TTL_S = 600.0
-
-__all__ = ["DEFAULT_KV_TTL_S", "FrameRejected", "ShardRuntime"]
+__all__ = ["FrameRejected", "ShardRuntime"]
 
 
 class ShardRuntime:
