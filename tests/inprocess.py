@@ -77,7 +77,8 @@ class InProcessRing:
     _generation: int = 0
     _entry: RingEntry | None = None
     _entry_server: grpc.Server | None = None
-    _http: Any = None
+    _http: Any = None  # the uvicorn server of serve_http()
+    _http_thread: threading.Thread | None = None
     url: str = ""  # the HTTP API's base URL, once serve_http() runs
 
     # ----- lifecycle -------------------------------------------------------------------
@@ -94,7 +95,7 @@ class InProcessRing:
         return self
 
     def stop(self) -> None:
-        if self._http is not None:
+        if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
             self._http_thread.join(timeout=10)
             self._http = None

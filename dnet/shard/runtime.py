@@ -71,15 +71,14 @@ class ShardRuntime:
 
     def __init__(self, load_stage: Callable[[], Stage], router: Router, *, model_name: str,
                  kv_ttl_s: float = DEFAULT_KV_TTL_S, epoch: int = 0,
-                 kv_cap_bytes: int | None = None, transport: Transport = GRPC,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 kv_cap_bytes: int | None = None, transport: Transport = GRPC) -> None:
         self._load_stage = load_stage
         self._router = router
         self._epoch = epoch
         self.model_name = model_name
         self.kv_ttl_s = kv_ttl_s
         self._kv_cap_bytes = kv_cap_bytes
-        self._clock = clock
+        self._clock = time.monotonic  # what requests' use and expiry are measured with
         self._stage: Stage | None = None
         self._run_ends: dict[int, int] = {}  # held layer -> the end of its contiguous run
         self._view: ShardView | None = None  # what gRPC threads check frames against
