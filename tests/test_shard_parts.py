@@ -297,3 +297,42 @@ def test_stopping_a_runtime_closes_its_stage_once(shards) -> None:
     runtime.stop()
     runtime.stop()
     assert stage.closed
+
+
+def test_a_step_runner_says_what_to_send_without_sending_it() -> None:
+    from dnet.shard.steps import Dropped, Filled, Forward, Refused, StepRunner
+    from dnet.shard.tail import Tail, TailOutput
+
+    def runner(layers: list[int], cap: int | None = None) -> tuple[StepRunner, RequestTable]:
+        stage = CountingStage(layers)
+        table = RequestTable()
+        tail = Tail(stage, table) if stage.holds_head else None
+        return StepRunner(stage, table, TrainCaches(), KvReservations(cap), tail,
+                          VOCAB, "me", lambda: 0.0), table
+
+    def first(request_id: str, sample: bool, max_tokens: int = 4) -> RequestStep:
+        sampling = pb.SamplingParams(max_tokens=max_tokens, max_context=2 + max_tokens)
+        return RequestStep(request_id, 0, 0, (3, 4), None, sample, "entry", "h", 0,
+                           Opening(sampling))
+
+    head, table = runner([0, 1])
+    outcome = head.run(first("a", sample=True))
+    assert isinstance(outcome, Forward) and outcome.step.layer == 2
+    assert isinstance(outcome.step, RequestStep) and outcome.step.opening is not None
+    assert outcome.step.opening.route == ("me",) and outcome.step.hidden is not None
+    table.pop("a")
+    assert isinstance(head.run(later("a")), Dropped)  # released while it waited
+
+    whole, _ = runner([0, 1, 2, 3])
+    assert isinstance(whole.run(first("p", sample=False)), Filled)  # a prompt chunk
+    out = whole.run(first("s", sample=True))
+    assert isinstance(out, TailOutput)
+    [(entry, token)] = out.tokens
+    assert (entry, token.token, token.index) == ("entry", 5, 0)
+    [next_step] = out.steps  # the next decode step, for the head
+    assert isinstance(next_step, RequestStep)
+    assert (next_step.position, next_step.tokens, next_step.layer) == (2, (5,), 0)
+
+    full, _ = runner([0, 1, 2, 3], cap=30)  # 10 bytes a token here; this one needs 60
+    refused = full.run(first("big", sample=True))
+    assert isinstance(refused, Refused) and refused.refusal.need == 60
