@@ -213,7 +213,7 @@ class Browser:
 
     def _resolve(self, name: str) -> None:
         service = self._zeroconf.get_service_info(SERVICE_TYPE, name, timeout=RESOLVE_TIMEOUT_MS)
-        if service is None:
+        if service is None or service.port is None:
             log.debug("no answer resolving %s", name)
             return
         advert = decode_txt(

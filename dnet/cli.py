@@ -154,8 +154,8 @@ def add_api_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_api_command(args: argparse.Namespace) -> int:
     from dnet.api.app import HttpOptions
-    from dnet.api.entry import Timeouts
     from dnet.api.server import run_api
+    from dnet.entry import Timeouts
     from dnet.model_files import ModelNotFoundError
     from dnet.tokenizer import load_chat_tokenizer
 

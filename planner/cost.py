@@ -102,7 +102,7 @@ def largest_window(
 STREAMING_SLOTS = 2  # layers in flight when streaming: the one computing, the one loading
 
 
-def streamed_layers(layers_held, window):
+def streamed_layers(layers_held: int | np.ndarray, window: int | np.ndarray) -> np.ndarray:
     """Layers a device reloads from disk per token; works on ints and NumPy arrays alike."""
     pinned = np.maximum(window - STREAMING_SLOTS, 0)
     return np.where(window >= layers_held, 0, layers_held - pinned)

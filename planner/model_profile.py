@@ -202,7 +202,7 @@ def stored_bytes(tensors: Mapping[str, TensorInfo], num_layers: int, tied: bool)
     embedding_bytes = head_bytes = 0
     for tensor_name, info in tensors.items():
         role, layer = tensor_role(tensor_name, num_layers)
-        if role is TensorRole.LAYER:
+        if role is TensorRole.LAYER and layer is not None:
             layer_bytes[layer] += info.nbytes
         elif role is TensorRole.LAST and not (tied and "lm_head" in tensor_name):
             head_bytes += info.nbytes

@@ -10,8 +10,9 @@ files a shard needs (dnet/model_files.py) and to size each layer for the planner
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import Enum
+from typing import Any
 
 
 class TensorRole(Enum):
@@ -76,7 +77,7 @@ def _is_embedding(name: str) -> bool:
     return re.search(r"(^|\.)embed_tokens\.", name) is not None
 
 
-def tied_embeddings(config: dict, names: Iterable[str]) -> bool:
+def tied_embeddings(config: Mapping[str, Any], names: Iterable[str]) -> bool:
     """Whether the head reuses the embedding matrix: the config says so, or no lm_head is stored."""
     if config.get("tie_word_embeddings"):
         return True

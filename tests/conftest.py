@@ -1,4 +1,5 @@
-"""Shared fixtures: generated models, real rings of processes on loopback, mlx-lm references."""
+"""Shared fixtures: generated models, rings in this process or of real processes on loopback,
+mlx-lm references."""
 
 from __future__ import annotations
 
@@ -92,6 +93,29 @@ def start_ring(tmp_path: Path) -> Iterator:
                          **kwargs)
         rings.append(ring)
         return ring.start(timeout_s=90)
+
+    yield start
+    for ring in rings:
+        ring.stop()
+
+
+@pytest.fixture
+def inprocess_ring(qwen3_model: Path) -> Iterator:
+    """Start an InProcessRing (tests/inprocess.py) on the generated Qwen3, optionally serving
+    HTTP (`http=True`, `max_context`, `api_key`); every ring is stopped afterwards."""
+    from tests.inprocess import InProcessRing
+
+    rings: list[InProcessRing] = []
+
+    def start(layer_lists: list[list[int]], *, model: Path | None = None, http: bool = False,
+              max_context: int | None = None, api_key: str | None = None,
+              **options) -> InProcessRing:
+        ring = InProcessRing(model or qwen3_model, layer_lists, **options)
+        rings.append(ring)
+        ring.start()
+        if http:
+            ring.serve_http(max_context=max_context, api_key=api_key)
+        return ring
 
     yield start
     for ring in rings:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from dnet.api.entry import PREFILL_CHUNK
+from dnet.entry import PREFILL_CHUNK
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import codec
 from dnet.sampling import TokenSampler

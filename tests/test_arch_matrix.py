@@ -18,6 +18,7 @@ import pytest
 
 from dnet.modelgen import SLIDING_WINDOW, ModelSpec, model_config
 from dnet.shard.groups import batchable
+from dnet.shard.requests import RequestTable
 from dnet.shard.tail import Tail
 from dnet.stage import Stage
 from dnet.structure import (
@@ -121,7 +122,7 @@ def test_four_requests_in_one_train_keep_their_own_tokens(arch: str, make_model)
     ring = StageRing(model, SPLITS["2-shards"])
     try:
         if not batchable(ring.stages[0].cache_templates):  # sliding windows: one per frame
-            tail = Tail(ring.stages[-1], lambda _: None, lambda *_: None, lambda *_: None)
+            tail = Tail(ring.stages[-1], RequestTable())
             assert tail.scheduler.max_batch == 1
             return
         rng = random.Random(arch)

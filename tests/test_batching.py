@@ -10,6 +10,7 @@ import pytest
 from mlx_lm.models.cache import RotatingKVCache
 
 from dnet.shard.groups import batchable
+from dnet.shard.requests import RequestTable
 from dnet.shard.tail import Tail
 from dnet.shard.trains import TrainScheduler
 from dnet.stage import Stage
@@ -98,20 +99,20 @@ def test_batched_decode_step_equals_single_steps(name: str, make_model) -> None:
 def test_sliding_window_models_decode_one_request_per_frame(make_model) -> None:
     for arch in ("gemma3_text", "gpt_oss"):
         stage = Stage(make_model(FLOAT_SPECS[arch]), list(range(8)))
-        tail = Tail(stage, lambda _: None, lambda *_: None, lambda *_: None)
+        tail = Tail(stage, RequestTable())
         assert tail.scheduler.max_batch == 1, arch
         if arch == "gpt_oss":  # what batching would risk: keys reordered past the window
             assert any(not mx.array_equal(single, batched).item()
                        for single, batched in batched_and_single_logits(stage))
     stage = Stage(make_model(FLOAT_SPECS["qwen3_next"]), list(range(8)))
-    tail = Tail(stage, lambda _: None, lambda *_: None, lambda *_: None)
+    tail = Tail(stage, RequestTable())
     assert tail.scheduler.max_batch > 1  # linear-attention state batches exactly
 
 
 # ----- through the ring ---------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # starts real processes
 def test_many_concurrent_requests_keep_their_tokens(make_model, start_ring) -> None:
     model = make_model(QWEN3_BF16)
     ring = start_ring(model, [[0, 1, 2, 3], [4, 5, 6, 7]])

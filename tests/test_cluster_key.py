@@ -15,6 +15,8 @@ from dnet.ring import auth
 from tests.conftest import chat_prompt_ids, reference_tokens
 from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 KEY = "correct horse battery staple"
 
 

@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 
 from dnet.local_ring import LocalRing
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 
 @pytest.fixture(scope="module")
 def fuzzed_ring(tmp_path_factory: pytest.TempPathFactory, make_model) -> Iterator[LocalRing]:

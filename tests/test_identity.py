@@ -19,7 +19,7 @@ from tests.conftest import (
     reference_tokens,
 )
 
-pytestmark = pytest.mark.slow  # real processes
+pytestmark = pytest.mark.slow  # starts real processes
 
 MAX_TOKENS = 24
 

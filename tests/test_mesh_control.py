@@ -10,9 +10,12 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import LLAMA_F16, chat_prompt_ids, reference_tokens
 from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 NUM_LAYERS = 8
 

@@ -22,6 +22,8 @@ from tests.mesh import LocalMesh, MeshNode, chat_token_ids, ring_covers, topolog
 from tests.netns import Host, NetnsLan, namespaces, netns_lan
 from tests.test_mesh import MAX_TOKENS, NUM_LAYERS, QUESTION, THREE_WAY, TWO_WAY
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 FORMATION_S = 90  # starting three Python processes with mlx on two slow cores takes a while
 REPLAN_S = 15
 CHAT_S = 150  # backstop for `Host.call`; chat_token_ids itself times out after 120 s

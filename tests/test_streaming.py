@@ -13,7 +13,7 @@ from dnet.modelgen import ModelSpec
 from tests.conftest import DEEPSEEK_F32, QWEN3_BF16, QWEN3_Q4, chat_prompt_ids, reference_tokens
 from tests.test_identity import assert_diverse, chat_ids, completion_ids
 
-pytestmark = pytest.mark.slow  # real processes
+pytestmark = pytest.mark.slow  # starts real processes
 
 MAX_TOKENS = 16
 

@@ -9,22 +9,23 @@ from pathlib import Path
 import uvicorn
 
 from dnet.api.app import HttpOptions, create_app
-from dnet.api.entry import (
+from dnet.api.tokenizer import ChatTokenizer
+from dnet.entry import (
     DEFAULT_MAX_REQUESTS,
     EntryService,
+    Inflight,
     RingEntry,
     Timeouts,
     local_address_towards,
 )
-from dnet.api.tokenizer import ChatTokenizer
 from dnet.model_files import read_config, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring.links import start_server
+from dnet.serving import accepts_model, context_tokens
 
 log = logging.getLogger(__name__)
 
 WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
-DEFAULT_MODEL_ALIAS = "default_model"  # the model name in the seed's curl example
 
 
 class RingBackend:
@@ -36,12 +37,11 @@ class RingBackend:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.vocab_size = int(config["vocab_size"])
-        self.max_context = max_context or int(config.get("max_position_embeddings") or 4096)
+        self.max_context = max_context or context_tokens(config)
         self.entry = entry
-        self._aliases = {model_name, DEFAULT_MODEL_ALIAS, Path(model_name).name}
 
     def accepts_model(self, name: str | None) -> bool:
-        return not name or name in self._aliases
+        return accepts_model(self.model_name, name)
 
     def generate(self, prompt: list[int], sampling: pb.SamplingParams) -> AsyncIterator[pb.Token]:
         return self.entry.generate(prompt, sampling)
@@ -66,13 +66,14 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
     `load_chat_tokenizer`: it loads MLX, which this package does not import)."""
     host, port = split_address(listen, 8080)
     model_dir = resolve_metadata(model)
-    entry = RingEntry(first_shard, timeouts=timeouts or Timeouts())
-    entry.max_requests = max_requests
+    # The token sink listens first: the entry's address is the port it gets.
+    inflight = Inflight()
     sink_host = "0.0.0.0" if host in WILDCARDS else host
-    server, sink_port = start_server(EntryService(entry, model), sink_host, 0)
+    server, sink_port = start_server(EntryService(inflight, model), sink_host, 0)
     shard_host, _ = split_address(first_shard, 50501)
     advertised = local_address_towards(shard_host) if host in WILDCARDS else host
-    entry.address = f"{advertised}:{sink_port}"
+    entry = RingEntry(first_shard, address=f"{advertised}:{sink_port}", inflight=inflight,
+                      timeouts=timeouts or Timeouts(), max_requests=max_requests)
     backend = RingBackend(model, model_dir, entry, load_tokenizer(model_dir), max_context)
     app = create_app(backend, options=http, extra_health=lambda: {"head": first_shard,
                                                                   "token_sink": entry.address})

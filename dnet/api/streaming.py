@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from dnet.api.entry import RingError
 from dnet.api.errors import ApiError, ring_error
 from dnet.api.generation import close
+from dnet.entry import RingError
 
 T = TypeVar("T")
 FAILURES = (RingError, ApiError)  # what can end an answer that has started

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dnet.api.entry import RingEntry
+from dnet.entry import RingEntry
 from dnet.model_files import format_layers, read_config, resolve_for_layers, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.shard.router import MeshRouter

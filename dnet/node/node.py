@@ -17,7 +17,7 @@ import uvicorn
 from discovery.identity import cluster_id, load_or_create_node_id
 from discovery.peers import PeerInfo
 from dnet import __version__
-from dnet.api.entry import RingEntry, local_address_towards
+from dnet.entry import RingEntry, local_address_towards
 from dnet.node import profiling
 from dnet.node.coordinator import Coordinator, CoordinatorOptions
 from dnet.node.host import EpochHost
@@ -60,10 +60,12 @@ class Node:
         self._id_path = state_dir / f"node-{options.grpc_port}.id"
         self.node_id = load_or_create_node_id(self._id_path)
         self.started_at = time.time()
-        self.entry = RingEntry(head="")
-        self.entry.pause()  # no plan yet: requests wait for the first one
-        self.entry.recover = True  # a request a dying node fails is replayed on the new ring
-        self.entry.max_requests = options.max_requests
+        self.address = options.host or local_address_towards("192.0.2.1")
+        # No plan yet: requests wait for the first one. A request a dying node fails is
+        # replayed on the new ring.
+        self.entry = RingEntry(head="", address=f"{self.address}:{options.grpc_port}",
+                               admitting=False, recover=True,
+                               max_requests=options.max_requests)
         self.host = EpochHost(self.node_id, self.entry, kv_ttl_s=options.kv_ttl_s,
                               kv_cap_bytes=options.kv_cap_bytes)
         self._device: pb.DeviceInfo | None = None
@@ -71,8 +73,6 @@ class Node:
         self.coordinator: Coordinator | None = None  # peers may ask before it exists
         bind = options.host or "0.0.0.0"
         self.grpc_server, _ = start_server(self._services(), bind, options.grpc_port)
-        self.address = options.host or local_address_towards("192.0.2.1")
-        self.entry.address = f"{self.address}:{options.grpc_port}"
         budget = options.memory_budget_bytes or profiling.default_memory_budget()
         me = PeerInfo(
             node_id=self.node_id, name=options.name or f"dnet-{self.node_id[:6]}",
