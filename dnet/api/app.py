@@ -171,18 +171,28 @@ def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = No
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
+        ensure_available(backend)
         job = make_job(backend, body, chat_prompt(backend, body), logprobs=body.logprobs,
                        top_logprobs=body.top_logprobs or 0)
         return await _answer(request, backend, job, body.stream, body.include_usage(), "chat")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        ensure_available(backend)
         job = make_job(backend, body, text_prompt(backend, body),
                        logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
         return await _answer(request, backend, job, body.stream, body.include_usage(), "text")
 
     mount_dashboard(app)
     return app
+
+
+def ensure_available(backend: Backend) -> None:
+    """A backend that cannot serve now (a mesh with no ring) answers its 503 here, before any
+    templating or validation against a model it may not have."""
+    check = getattr(backend, "ensure_available", None)
+    if check is not None:
+        check()
 
 
 async def _answer(request: Request, backend: Backend, job: Job, stream: bool,

@@ -117,6 +117,20 @@ class RingEntry:
             self._fail(request_id, 503, "the mesh is re-planning; please retry")
         return len(left)
 
+    def shut_down(self, timeout_s: float, message: str) -> int:
+        """Stop for good: admit nothing more, let the requests in flight end for up to
+        `timeout_s`, then fail the rest with `message` (a 503, never replayed). Returns how
+        many were failed. Call from a thread, never the event loop."""
+        self.recover = False
+        self.pause()
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = list(self._pending)
+        for request_id in left:
+            self._fail(request_id, 503, message)
+        return len(left)
+
     async def _admitted(self) -> None:
         deadline = time.monotonic() + self.admission_timeout_s
         while not self._admitting.is_set():

@@ -9,6 +9,7 @@ from pathlib import Path
 import uvicorn
 from mlx_lm.utils import load_tokenizer
 
+from discovery.mdns import resolve_ipv4
 from dnet.api.app import create_app
 from dnet.api.entry import (
     DEFAULT_MAX_REQUESTS,
@@ -19,7 +20,7 @@ from dnet.api.entry import (
 )
 from dnet.model_files import read_config, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
-from dnet.ring.links import start_server
+from dnet.ring.links import listen_socket, start_server
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,15 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
             timeouts: Timeouts | None = None, max_requests: int = DEFAULT_MAX_REQUESTS,
             api_key: str | None = None) -> None:
     host, port = split_address(listen, 8080)
+    bind = "0.0.0.0" if host in WILDCARDS else resolve_ipv4(host)
+    # Bound first and exclusively: a taken port ends the process at once (PortInUse).
+    http_socket = listen_socket(bind, port)
     model_dir = resolve_metadata(model)
     entry = RingEntry(first_shard, timeouts=timeouts or Timeouts())
     entry.max_requests = max_requests
-    sink_host = "0.0.0.0" if host in WILDCARDS else host
-    server, sink_port = start_server(EntryService(entry, model), sink_host, 0)
+    server, sink_port = start_server(EntryService(entry, model), bind, 0)
     shard_host, _ = split_address(first_shard, 50501)
-    advertised = local_address_towards(shard_host) if host in WILDCARDS else host
+    advertised = local_address_towards(shard_host) if host in WILDCARDS else bind
     entry.address = f"{advertised}:{sink_port}"
     backend = RingBackend(model, model_dir, entry, max_context)
     app = create_app(backend, api_key=api_key, extra_health=lambda: {"head": first_shard,
@@ -76,7 +79,7 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
     log.info("API on http://%s:%d, first shard %s, token sink %s", host or "0.0.0.0", port,
              first_shard, entry.address)
     try:
-        uvicorn.run(app, host=host or "0.0.0.0", port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[http_socket])
     finally:
         server.stop(grace=1)
         entry.close()
