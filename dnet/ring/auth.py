@@ -82,8 +82,10 @@ class ClusterAuth:
         except ValueError:
             return _refusal(RefusalKind.BAD_TIMESTAMP)
         if abs(age) > MAX_CLOCK_SKEW_S:
-            return Refusal(RefusalKind.CLOCK_SKEW, f"timestamp {age:+.0f} s off (clocks must "
-                                                   f"agree within {MAX_CLOCK_SKEW_S:.0f} s)")
+            side = "behind" if age > 0 else "ahead of"
+            return Refusal(RefusalKind.CLOCK_SKEW,
+                           f"the caller's clock is {abs(age):.0f} s {side} this node's "
+                           f"(clocks must agree within {MAX_CLOCK_SKEW_S:.0f} s)")
         with self._lock:
             now = time.monotonic()
             while self._order and self._order[0][0] < now:
