@@ -104,14 +104,14 @@ def create_node_app(node: Node) -> FastAPI:
 def build_topology(node: Node) -> dict[str, Any]:
     """The mesh as this node knows it: plan, members, health, what each reports, and the
     coordinator's word (who is excluded and why, why no ring can serve)."""
-    plan = node.host.plan
-    members = {m.node_id: m for m in plan.members} if plan else {}
     # Unverified entries are adverts no health check has reached: mDNS caches keep a crashed
     # node's record long after it died, so those are not shown.
     peers = {state.info.node_id: state for state in node.membership.states() if state.verified}
     me = node.membership.me
     known = {me.node_id: me, **{node_id: s.info for node_id, s in peers.items()}}
     statuses = node.peer_statuses([info.grpc_address for info in known.values()])
+    plan = node.mesh_plan(statuses)
+    members = {m.node_id: m for m in plan.members} if plan else {}
     word = node.mesh_word()
     excluded = {e.node_id: e for e in word.excluded} if word is not None else {}
     verdict = node.unavailable()

@@ -174,8 +174,10 @@ class Coordinator:
             self.rollout.run(plan, peers, running)
         except NodesFailed as exc:
             failures = exc.failures
+            names = {info.node_id: info.name for info in infos}
             for failure in failures:
-                log.warning("excluding %s from planning: %s: %s", failure.node_id,
+                log.warning("excluding %s (%s) from planning: %s: %s",
+                            names.get(failure.node_id, "?"), failure.node_id,
                             failure.kind.value, failure.message)
             self._record(lambda s: control.record_failures(s, failures, members,
                                                            self._clock()), infos)

@@ -225,7 +225,9 @@ class Node:
         runtime = self.host.runtime
         member = self.host.my_member()
         stage = runtime.stage if runtime is not None and runtime.ready else None
+        running = self.coordinator.running() if self.coordinator.is_me else None
         return pb.NodeStatus(
+            running_plan=running,
             node_id=self.node_id, name=self.membership.me.name, epoch=self.host.epoch,
             model=self.host.plan.model if self.host.plan else "",
             layers=list(member.layers) if member else [],
@@ -314,6 +316,13 @@ class Node:
                                  f"{exc.details()}") from None
         if not reply.ok:
             raise LoadFailed(reply.error)
+
+    def mesh_plan(self, statuses: dict[str, pb.NodeStatus]) -> pb.PlanRequest | None:
+        """The plan the mesh runs: this node's, or the coordinator's when newer (a node left
+        out of the plan, or one that just joined, shows the ring the others run)."""
+        plans = [self.host.plan, *(s.running_plan for s in statuses.values()
+                                   if s.HasField("running_plan"))]
+        return max((p for p in plans if p is not None), key=lambda p: p.epoch, default=None)
 
     def peer_statuses(self, addresses: list[str]) -> dict[str, pb.NodeStatus]:
         def one(address: str) -> tuple[str, pb.NodeStatus | None]:
