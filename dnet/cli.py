@@ -67,14 +67,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _port(text: str) -> int:
+def _port(text: str, lowest: int = 1) -> int:
     try:
         port = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {port}")
+    if not lowest <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is {lowest}..65535, not {port}")
     return port
+
+
+def _port_or_any(text: str) -> int:
+    """A port, or 0 for any free one."""
+    return _port(text, lowest=0)
 
 
 def _positive_int(text: str) -> int:
@@ -143,7 +148,8 @@ def _add_cluster_key(p: argparse.ArgumentParser) -> None:
 
 def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="local model directory or HF repo id")
-    p.add_argument("-p", "--port", type=_port, required=True, help="gRPC port")
+    p.add_argument("-p", "--port", type=_port_or_any, required=True,
+                   help="gRPC port (0: any free port, logged)")
     p.add_argument("-l", "--layers", type=parse_layers, required=True,
                    help='layers to hold: "[0,1,2]" or "0-17,36-53"')
     p.add_argument("-n", "--next", required=True, dest="next_address",

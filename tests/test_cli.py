@@ -136,3 +136,81 @@ def test_argument_errors_exit_with_usage_not_traceback(argv: list[str], capsys) 
     assert status == 2
     assert_clean(err)
     assert "usage:" in err
+
+
+# ----- issue 14: host names, ports, limits, taken ports -------------------------------------
+
+
+@pytest.mark.parametrize("command", [["status"], ["load", "some/model"], ["chat"]])
+def test_host_localhost_is_accepted_by_the_client_commands(command: list[str], capsys,
+                                                           monkeypatch) -> None:
+    # Browsing loopback for a mesh under a key nobody uses: none answers, cleanly.
+    monkeypatch.setenv("DNET_CLUSTER_KEY", "a key no mesh here uses")
+    monkeypatch.delenv("DNET_API", raising=False)
+    status, err = run_cli([*command, "--host", "localhost"], capsys)
+    assert_clean(err)
+    assert status in (0, 1), err  # 1: no node answered; never a usage error or a crash
+    if status == 1:
+        assert "on 127.0.0.1" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["status", "--host", "no-such-host.invalid"],
+    ["join", "--host", "no-such-host.invalid"],
+    ["join", "--grpc-port", "0"],
+    ["join", "--http-port", "70000"],
+    ["join", "--http-port", "http"],
+    ["join", "--context", "0"],
+    ["join", "--max-requests", "-1"],
+    ["join", "--kv-ttl", "0"],
+    ["chat", "--max-tokens", "0"],
+    ["api", "-m", "x", "-s", "h:1", "--token-timeout", "-5"],
+], ids=["status-host", "join-host", "grpc-port-0", "http-port-70000", "http-port-word",
+        "context-0", "max-requests-negative", "kv-ttl-0", "chat-max-tokens-0",
+        "api-token-timeout"])
+def test_usage_errors_exit_2_without_a_traceback(argv: list[str], capsys) -> None:
+    status, err = run_cli(argv, capsys)
+    assert status == 2
+    assert_clean(err)
+    assert "usage:" in err
+
+
+def test_a_bad_port_in_the_environment_is_a_usage_error(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("DNET_HTTP_PORT", "eighty")
+    status, err = run_cli(["join"], capsys)
+    assert status == 2
+    assert_clean(err)
+    assert "eighty" in err
+
+
+def test_host_errors_name_the_host(capsys) -> None:
+    _, err = run_cli(["status", "--host", "no-such-host.invalid"], capsys)
+    assert "cannot resolve host 'no-such-host.invalid'" in err
+
+
+@pytest.fixture
+def taken_port():
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_a_shard_on_a_taken_port_says_which_flag_to_change(qwen3_model: Path, taken_port: int,
+                                                           capsys) -> None:
+    status, err = run_cli(["shard", "-m", str(qwen3_model), "-p", str(taken_port), "-l", "0-3",
+                           "-n", "127.0.0.1:9", "--host", "127.0.0.1"], capsys)
+    assert status == 1
+    assert err.strip() == (f"dnet shard: port {taken_port} is already in use; choose another "
+                           "with -p/--port")
+
+
+def test_an_api_on_a_taken_port_says_which_flag_to_change(qwen3_model: Path, taken_port: int,
+                                                          capsys) -> None:
+    status, err = run_cli(["api", "-a", f"localhost:{taken_port}", "-s", "127.0.0.1:9",
+                           "-m", str(qwen3_model)], capsys)
+    assert status == 1
+    assert err.strip() == (f"dnet api: port {taken_port} is already in use; choose another "
+                           "with -a/--address")
