@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 
-from dnet import __version__
+from dnet import __version__, cli_args
+from dnet.cli_args import parse_layers
 
 log = logging.getLogger("dnet")
-
-
-def parse_layers(text: str) -> list[int]:
-    """'[0,1,2,5]' (the seed's form), '0-2,5' or '0,1,2,5' -> [0, 1, 2, 5]."""
-    text = text.strip()
-    if text.startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: {exc}") from exc
-        if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
-            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: expected integers")
-        layers = values
-    else:
-        layers = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            start, sep, end = part.partition("-")
-            if not start.isdigit() or (sep and not end.isdigit()):
-                raise argparse.ArgumentTypeError(f"bad layer range {part!r}")
-            layers.extend(range(int(start), int(end) + 1) if sep else [int(start)])
-    if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
-        raise argparse.ArgumentTypeError(f"bad layer list {text!r}: empty, negative or repeated")
-    return sorted(layers)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -58,60 +35,6 @@ def setup_logging(verbose: bool = False) -> None:
 # ----- subcommands -------------------------------------------------------------------------
 
 
-def _size(text: str) -> int:
-    from dnet.node.sizes import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _port(text: str, lowest: int = 1) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not lowest <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is {lowest}..65535, not {port}")
-    return port
-
-
-def _port_or_any(text: str) -> int:
-    """A port, or 0 for any free one."""
-    return _port(text, lowest=0)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
-
-
-def _host(text: str) -> str:
-    """An IPv4 address, or a host name (e.g. localhost) resolved to one."""
-    from discovery.mdns import resolve_ipv4
-
-    try:
-        return resolve_ipv4(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _in_use(command: str, exc: OSError, flag: str) -> int:
     """One line for a port another process holds, naming the flag that changes it."""
     from dnet.ring.links import PortInUse
@@ -125,13 +48,14 @@ def _in_use(command: str, exc: OSError, flag: str) -> int:
 
 
 def _add_kv_cap(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-kv-bytes", type=_size, default=os.environ.get("DNET_MAX_KV_BYTES"),
+    p.add_argument("--max-kv-bytes", type=cli_args.size,
+                   default=os.environ.get("DNET_MAX_KV_BYTES"),
                    help="KV-cache memory this node's requests may reserve, e.g. 4GB; past it "
                         "new requests get a 503 (default: half the memory available at start)")
 
 
 def _add_http_limits(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-requests", type=_positive_int,
+    p.add_argument("--max-requests", type=cli_args.positive_int,
                    default=os.environ.get("DNET_MAX_REQUESTS", "64"),
                    help="concurrent requests this node accepts; past it a 429 (default 64)")
     p.add_argument("--api-key", default=os.environ.get("DNET_API_KEY"),
@@ -148,7 +72,7 @@ def _add_cluster_key(p: argparse.ArgumentParser) -> None:
 
 def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="local model directory or HF repo id")
-    p.add_argument("-p", "--port", type=_port_or_any, required=True,
+    p.add_argument("-p", "--port", type=cli_args.port_or_any, required=True,
                    help="gRPC port (0: any free port, logged)")
     p.add_argument("-l", "--layers", type=parse_layers, required=True,
                    help='layers to hold: "[0,1,2]" or "0-17,36-53"')
@@ -156,9 +80,9 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
                    help="next shard's host:port; the last shard names the API (host:http-port)")
     p.add_argument("--prefetch-window", type=int, default=None,
                    help="layers kept resident at once (default: all layers held)")
-    p.add_argument("--host", type=_host, default="0.0.0.0",
+    p.add_argument("--host", type=cli_args.host, default="0.0.0.0",
                    help="address (or host name) to listen on (default 0.0.0.0)")
-    p.add_argument("--kv-ttl", type=_positive_float, default=300.0,
+    p.add_argument("--kv-ttl", type=cli_args.positive_float, default=300.0,
                    help="seconds before an idle request's KV cache is dropped (default 300)")
     _add_kv_cap(p)
     _add_cluster_key(p)
@@ -197,9 +121,9 @@ def add_api_arguments(p: argparse.ArgumentParser) -> None:
                    help="HTTP address to listen on, host:port (default 0.0.0.0:8080)")
     p.add_argument("-s", "--shard", required=True, help="first shard's host:port (layer 0)")
     p.add_argument("-m", "--model", required=True, help="model id or path; must match shards")
-    p.add_argument("--max-context", type=_positive_int, default=None,
+    p.add_argument("--max-context", type=cli_args.positive_int, default=None,
                    help="longest prompt plus answer, in tokens (default: the model's)")
-    p.add_argument("--token-timeout", type=_positive_float, default=120.0,
+    p.add_argument("--token-timeout", type=cli_args.positive_float, default=120.0,
                    help="seconds to wait for the next token before failing (default 120)")
     _add_http_limits(p)
     _add_cluster_key(p)
@@ -241,13 +165,15 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model this node proposes for the cluster (path or HF repo id)")
     p.add_argument("--name", default=os.environ.get("DNET_NAME", ""),
                    help="a human name for this node (default: dnet-<id>)")
-    p.add_argument("--host", type=_host, default=os.environ.get("DNET_HOST"),
+    p.add_argument("--host", type=cli_args.host, default=os.environ.get("DNET_HOST"),
                    help="address (or host name) to advertise and bind (default: every "
                         "interface, advertising those that reach the peers); 127.0.0.1 or "
                         "localhost keeps a mesh on this machine")
-    p.add_argument("--http-port", type=_port, default=os.environ.get("DNET_HTTP_PORT", "8080"),
+    p.add_argument("--http-port", type=cli_args.port,
+                   default=os.environ.get("DNET_HTTP_PORT", "8080"),
                    help="HTTP API port (default 8080)")
-    p.add_argument("--grpc-port", type=_port, default=os.environ.get("DNET_GRPC_PORT", "50501"),
+    p.add_argument("--grpc-port", type=cli_args.port,
+                   default=os.environ.get("DNET_GRPC_PORT", "50501"),
                    help="gRPC port for the ring and control (default 50501)")
     p.add_argument("--memory-budget", default=os.environ.get("DNET_MEMORY_BUDGET"),
                    help="memory this node gives to weights and KV cache, e.g. 8GB or 512MB "
@@ -256,9 +182,9 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     _add_cluster_key(p)
     p.add_argument("--state-dir", default=os.environ.get("DNET_STATE_DIR", "~/.config/dnet"),
                    help="where the node id is kept (default ~/.config/dnet)")
-    p.add_argument("--context", type=_positive_int, default=4096,
+    p.add_argument("--context", type=cli_args.positive_int, default=4096,
                    help="tokens of KV cache the plan reserves per request (default 4096)")
-    p.add_argument("--kv-ttl", type=_positive_float, default=300.0,
+    p.add_argument("--kv-ttl", type=cli_args.positive_float, default=300.0,
                    help="seconds before an idle request's KV cache is dropped (default 300)")
     _add_kv_cap(p)
     _add_http_limits(p)
@@ -306,7 +232,7 @@ def run_join_command(args: argparse.Namespace) -> int:
 def add_status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default=os.environ.get("DNET_API"),
                    help="any node's HTTP address (default: find the mesh over mDNS)")
-    p.add_argument("--host", type=_host, default=os.environ.get("DNET_HOST"),
+    p.add_argument("--host", type=cli_args.host, default=os.environ.get("DNET_HOST"),
                    help="interface address (or host name) to browse mDNS on (e.g. localhost)")
     p.add_argument("--json", action="store_true", help="print the topology as JSON")
     p.add_argument("--watch", action="store_true", help="keep the view live")
@@ -322,7 +248,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory or HF repo id to run on the cluster")
     p.add_argument("--api", default=os.environ.get("DNET_API"),
                    help="any node's HTTP address (default: find the mesh over mDNS)")
-    p.add_argument("--host", type=_host, default=os.environ.get("DNET_HOST"),
+    p.add_argument("--host", type=cli_args.host, default=os.environ.get("DNET_HOST"),
                    help="interface address (or host name) to browse mDNS on (e.g. localhost)")
 
 
@@ -335,9 +261,9 @@ def run_load_command(args: argparse.Namespace) -> int:
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default=os.environ.get("DNET_API"),
                    help="any node's HTTP address (default: find the mesh over mDNS)")
-    p.add_argument("--host", type=_host, default=os.environ.get("DNET_HOST"),
+    p.add_argument("--host", type=cli_args.host, default=os.environ.get("DNET_HOST"),
                    help="interface address (or host name) to browse mDNS on (e.g. localhost)")
-    p.add_argument("--max-tokens", type=_positive_int, default=512)
+    p.add_argument("--max-tokens", type=cli_args.positive_int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--system", default=None, help="a system prompt")
 

@@ -214,3 +214,18 @@ def test_an_api_on_a_taken_port_says_which_flag_to_change(qwen3_model: Path, tak
     assert status == 1
     assert err.strip() == (f"dnet api: port {taken_port} is already in use; choose another "
                            "with -a/--address")
+
+
+@pytest.mark.parametrize("command", [["status", "--api", "127.0.0.1:9"],
+                                     ["chat", "--api", "127.0.0.1:9"],
+                                     ["load", "m", "--api", "127.0.0.1:9"]])
+def test_the_client_commands_do_not_load_mlx(command: list[str]) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from dnet.cli import main; main(sys.argv[1:]); "
+            "print('MLX:', sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mlx', 'mlx_lm')))")
+    result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "MLX: []" in result.stdout, result.stdout + result.stderr

@@ -5,18 +5,23 @@ besides the rollout's pool."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import grpc
 import pytest
 
 from discovery.peers import PeerInfo, PeerState
+from dnet.local_ring import free_port
 from dnet.node.control import FailureKind, UnavailableKind
 from dnet.node.coordinator import Coordinator, CoordinatorOptions, LoadFailed
 from dnet.node.host import EpochHost, PrepareError, ServedModel
-from dnet.node.rollout import NodeFailed, NodeFailure, Rollout
+from dnet.node.rollout import GrpcControlClient, NodeFailed, NodeFailure, Rollout
 from dnet.proto import dnet_ring_pb2 as pb
+from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring.links import start_server
 from planner import uniform_profile
 from tests.discovery.strategies import peer_info
 from tests.test_mesh_host import FakeEntry, Loader
@@ -270,3 +275,36 @@ def test_a_model_that_fits_nowhere_says_by_how_many_bytes(pool) -> None:
     assert verdict.kind is UnavailableKind.CANNOT_PLAN
     assert "bytes" in verdict.message and MODEL in verdict.message
     assert not [c for c in mesh.calls if c[0] == "prepare"]
+
+
+# ----- the gRPC client: how failures are named ---------------------------------------------
+
+
+class SlowControl(pb_grpc.ControlServicer):
+    def Prepare(self, request, context):
+        time.sleep(2)
+        return pb.PrepareReply(ok=True)
+
+    def Commit(self, request, context):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory loading layers 0-3")
+
+
+def test_the_grpc_client_names_timeouts_unreachable_nodes_and_memory() -> None:
+    server, port = start_server([(pb_grpc.add_ControlServicer_to_server, SlowControl())],
+                                "127.0.0.1", 0)
+    client = GrpcControlClient()
+    try:
+        peer = peer_info("a", address="127.0.0.1", grpc_port=port)
+        with pytest.raises(NodeFailed) as slow:
+            client.prepare(peer, pb.PlanRequest(epoch=1), timeout_s=0.3)
+        assert slow.value.failure.kind is FailureKind.TIMEOUT
+        with pytest.raises(NodeFailed) as memory:
+            client.commit(peer, 1, timeout_s=5)
+        assert memory.value.failure.kind is FailureKind.OUT_OF_MEMORY
+        assert "layers 0-3" in memory.value.failure.message
+    finally:
+        server.stop(grace=None)
+    gone = peer_info("b", address="127.0.0.1", grpc_port=free_port())
+    with pytest.raises(NodeFailed) as unreachable:
+        client.measure(gone, MODEL, timeout_s=5)
+    assert unreachable.value.failure.kind is FailureKind.UNREACHABLE
