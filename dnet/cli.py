@@ -62,11 +62,15 @@ def _add_http_limits(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on the HTTP API")
 
 
-def _add_cluster_key(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster-key", default=os.environ.get("DNET_CLUSTER_KEY"),
-                   help="shared secret: every gRPC call is signed with it, and only members "
-                        "with the same key form a ring (default: $DNET_CLUSTER_KEY; none: "
-                        "anyone on the network can join)")
+MEMBER_KEY_HELP = ("shared secret: every gRPC call is signed with it, and only members with "
+                   "the same key form a ring (default: $DNET_CLUSTER_KEY; none: anyone on the "
+                   "network can join)")
+CLIENT_KEY_HELP = ("look only for the nodes of the cluster with this key over mDNS (default: "
+                   "$DNET_CLUSTER_KEY)")
+
+
+def _add_cluster_key(p: argparse.ArgumentParser, help: str = MEMBER_KEY_HELP) -> None:
+    p.add_argument("--cluster-key", default=os.environ.get("DNET_CLUSTER_KEY"), help=help)
 
 
 
@@ -234,6 +238,7 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
                    help="any node's HTTP address (default: find the mesh over mDNS)")
     p.add_argument("--host", type=cli_args.host, default=os.environ.get("DNET_HOST"),
                    help="interface address (or host name) to browse mDNS on (e.g. localhost)")
+    _add_cluster_key(p, CLIENT_KEY_HELP)
     p.add_argument("--json", action="store_true", help="print the topology as JSON")
     p.add_argument("--watch", action="store_true", help="keep the view live")
 
@@ -250,6 +255,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                    help="any node's HTTP address (default: find the mesh over mDNS)")
     p.add_argument("--host", type=cli_args.host, default=os.environ.get("DNET_HOST"),
                    help="interface address (or host name) to browse mDNS on (e.g. localhost)")
+    _add_cluster_key(p, CLIENT_KEY_HELP)
 
 
 def run_load_command(args: argparse.Namespace) -> int:
@@ -263,6 +269,7 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
                    help="any node's HTTP address (default: find the mesh over mDNS)")
     p.add_argument("--host", type=cli_args.host, default=os.environ.get("DNET_HOST"),
                    help="interface address (or host name) to browse mDNS on (e.g. localhost)")
+    _add_cluster_key(p, CLIENT_KEY_HELP)
     p.add_argument("--max-tokens", type=cli_args.positive_int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--system", default=None, help="a system prompt")

@@ -24,16 +24,23 @@ class MeshNotFound(RuntimeError):
 
 
 def find_api(api: str | None, host: str | None) -> str:
-    """The base URL of a node: the one given, or the first a short mDNS browse turns up."""
+    """The base URL of a node: the one given, or the most senior node a short mDNS browse
+    turns up (of this process's cluster, when a cluster key is set)."""
     if api:
         return api if api.startswith("http") else f"http://{api}"
+    from discovery.identity import cluster_id
     from discovery.mdns import browse_once
+    from dnet.ring import auth
 
     found = browse_once(host, BROWSE_S)
+    if auth.enabled():
+        found = [info for info in found if info.cluster_id == cluster_id(auth.key())]
     if not found:
         where = f" on {host}" if host else ""
-        raise MeshNotFound(f"no dnet node answered over mDNS{where} within {BROWSE_S:.0f} s; "
-                           "is `dnet join` running? (or pass --api HOST:PORT)")
+        mine = " of this cluster key" if auth.enabled() else ""
+        raise MeshNotFound(f"no dnet node{mine} answered over mDNS{where} within "
+                           f"{BROWSE_S:.0f} s; is `dnet join` running? (or pass --api "
+                           "HOST:PORT)")
     return sorted(found, key=lambda info: info.started_at)[0].http_url
 
 

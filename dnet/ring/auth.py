@@ -105,13 +105,22 @@ def _refusal(kind: RefusalKind) -> Refusal:
 _auth: ClusterAuth | None = None
 
 
+_key: str | None = None
+
+
 def configure(key: str | None) -> None:
-    global _auth
+    global _auth, _key
     _auth = ClusterAuth(key) if key else None
+    _key = key or None
 
 
 def enabled() -> bool:
     return _auth is not None
+
+
+def key() -> str | None:
+    """The cluster key this process was configured with (None without one)."""
+    return _key
 
 
 # ----- client side ---------------------------------------------------------------------------
