@@ -83,7 +83,7 @@ def encode_txt(info: PeerInfo) -> dict[str, str]:
 def decode_txt(
     properties: Mapping[bytes, bytes | None],
     addresses: Sequence[str],
-    port: int,
+    port: int | None,
     instance: str,
     local: Sequence[Interface] = (),
 ) -> PeerInfo | None:
@@ -101,7 +101,7 @@ def decode_txt(
 def _decode(
     properties: Mapping[bytes, bytes | None],
     addresses: Sequence[str],
-    port: int,
+    port: int | None,
     instance: str,
     local: Sequence[Interface],
 ) -> PeerInfo | None:

@@ -205,7 +205,8 @@ def run_join_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dnet join: --memory-budget: {exc}", file=sys.stderr)
         return 2
-    options = JoinOptions(model=args.model, name=args.name, host=args.host,
+    host = None if args.host == "0.0.0.0" else args.host  # every interface: chosen, not pinned
+    options = JoinOptions(model=args.model, name=args.name, host=host,
                           http_port=args.http_port, grpc_port=args.grpc_port,
                           memory_budget_bytes=budget, cluster_key=args.cluster_key,
                           state_dir=Path(args.state_dir), kv_ttl_s=args.kv_ttl,

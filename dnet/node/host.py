@@ -60,7 +60,9 @@ class Runtime(Protocol):
 
     epoch: int
     stage: Any  # dnet.stage.Stage, once ready
-    active_requests: int
+
+    @property
+    def active_requests(self) -> int: ...
 
     @property
     def ready(self) -> bool: ...

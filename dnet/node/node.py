@@ -10,7 +10,9 @@ requests in flight end for DRAIN_S, fail the rest with an error chunk, say goodb
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +122,7 @@ class Node:
             proposed_model=options.model, started_at=self.started_at,
             options=CoordinatorOptions(context_tokens=options.context_tokens))
         self.grpc_server: grpc.Server | None = None
-        self.http_socket = None
+        self.http_socket: socket.socket | None = None
         self._ambiguous = choose_addresses(addressing.interfaces, addressing.default_route
                                            ).ambiguous if not addressing.pinned else ()
 
@@ -279,7 +281,9 @@ class Node:
             return Unavailable(UnavailableKind.SHUTTING_DOWN,
                                "this node is shutting down; please retry on another node")
         word = self.mesh_word()
-        if word is None:
+        if word is None:  # no coordinator, or none has answered a health check yet
+            if self.host.served is not None:
+                return None  # the entry waits for the next ring
             return Unavailable(UnavailableKind.NO_COORDINATOR,
                                "no coordinator is elected yet; please retry")
         kind = UnavailableKind[pb.UnavailableKind.Name(word.unavailable_kind)] if (
@@ -354,8 +358,6 @@ class Node:
 
     def _profile(self, model: str) -> str:
         if model not in self._profiles:
-            import json
-
             self._profiles[model] = json.dumps(resolve_model_profile(model).to_dict())
         return self._profiles[model]
 
