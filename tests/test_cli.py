@@ -217,6 +217,7 @@ def test_an_api_on_a_taken_port_says_which_flag_to_change(qwen3_model: Path, tak
                            "with -a/--address")
 
 
+@pytest.mark.slow  # starts a Python process per command
 @pytest.mark.parametrize("command", [["status", "--api", "127.0.0.1:9"],
                                      ["chat", "--api", "127.0.0.1:9"],
                                      ["load", "m", "--api", "127.0.0.1:9"]])

@@ -145,3 +145,24 @@ def test_the_address_follows_the_network_the_peers_are_on() -> None:
         default_route=wan.address))
     members.on_add(peer_info("bbbbbbbbbbbb", address="10.213.5.9", cluster_id=cluster_id("key")))
     assert members.me.address == lan.address and addresses == [lan.address]
+
+
+def test_the_topology_shows_a_node_left_out_and_why(tmp_path: Path) -> None:
+    from dnet.node.api import build_topology
+    from tests.test_mesh_rollout import MODEL, Clock
+
+    mesh = InProcessMesh()
+    node = build_node(tmp_path, mesh, model=MODEL)
+    mesh.nodes[node.node_id].readable = set()  # this machine lacks the model's files
+    clock = Clock()
+    node.coordinator._clock = clock
+    node.coordinator.step()
+    clock.now += 5
+    node.coordinator.step()
+    view = build_topology(node)
+    me = view["nodes"][0]
+    assert me["excluded"]["failure"] == "load error" and me["excluded"]["failures"] == 1
+    assert "not a directory here" in me["excluded"]["reason"]
+    assert 0 < me["excluded"]["retry_in_s"] <= 2
+    assert view["unavailable"].startswith(f"no node can run {MODEL}: ")
+    assert me["coordinator"] and me["healthy"] and view["ring"] == []

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
-from discovery.peers import is_healthy
+from discovery.peers import PeerInfo, is_healthy
 from dnet.api.app import create_app
 from dnet.api.schema import ApiError
 from dnet.node.control import FailureKind
@@ -114,32 +114,14 @@ def build_topology(node: Node) -> dict[str, Any]:
     members = {m.node_id: m for m in plan.members} if plan else {}
     word = node.mesh_word()
     excluded = {e.node_id: e for e in word.excluded} if word is not None else {}
+    nodes = [{
+        **_node_entry(info, members.get(node_id), statuses.get(info.grpc_address),
+                      excluded.get(node_id)),
+        "healthy": node_id == me.node_id or (node_id in peers and is_healthy(peers[node_id])),
+        "coordinator": node_id == node.coordinator.coordinator_id,
+    } for node_id, info in sorted(known.items())]
     verdict = node.unavailable()
     plan_data = json.loads(plan.plan_json) if plan and plan.plan_json else {}
-    nodes = []
-    for node_id, info in sorted(known.items()):
-        member = members.get(node_id)
-        status = statuses.get(info.grpc_address)
-        layers = list(member.layers) if member else []
-        exclusion = excluded.get(node_id)
-        nodes.append({
-            "id": node_id, "name": info.name, "address": info.address,
-            "http_port": info.http_port, "grpc_port": info.grpc_port,
-            "memory_budget_bytes": info.memory_budget_bytes,
-            "memory_used_bytes": status.memory_used_bytes if status else None,
-            "layers": layers, "window": member.window if member else 0,
-            "streaming": bool(member and layers and member.window < len(layers)),
-            "healthy": node_id == me.node_id or (node_id in peers
-                                                 and is_healthy(peers[node_id])),
-            "coordinator": node_id == node.coordinator.coordinator_id,
-            "epoch": status.epoch if status else None,
-            "decode_tokens_per_s": status.decode_tokens_per_s if status else None,
-            "platform": info.platform, "chip": info.chip, "version": info.version,
-            "excluded": None if exclusion is None else {
-                "failure": FailureKind[pb.FailureKind.Name(exclusion.failure)].value,
-                "reason": exclusion.reason, "failures": exclusion.failures,
-                "retry_in_s": round(exclusion.retry_in_s, 1)},
-        })
     measured = [n["decode_tokens_per_s"] for n in nodes if n["decode_tokens_per_s"]]
     return {
         "model": plan.model if plan else "",
@@ -155,4 +137,25 @@ def build_topology(node: Node) -> dict[str, Any]:
         "other_clusters": [{"cluster_id": cluster, "seen": seen}
                            for cluster, seen in sorted(node.membership.other_clusters().items())],
         "this_node": node.node_id,
+    }
+
+
+def _node_entry(info: PeerInfo, member: pb.PlanMember | None, status: pb.NodeStatus | None,
+                exclusion: pb.Exclusion | None) -> dict[str, Any]:
+    """One node of the topology: its advert, its part of the plan, what it reports."""
+    layers = list(member.layers) if member else []
+    return {
+        "id": info.node_id, "name": info.name, "address": info.address,
+        "http_port": info.http_port, "grpc_port": info.grpc_port,
+        "memory_budget_bytes": info.memory_budget_bytes,
+        "memory_used_bytes": status.memory_used_bytes if status else None,
+        "layers": layers, "window": member.window if member else 0,
+        "streaming": bool(member and layers and member.window < len(layers)),
+        "epoch": status.epoch if status else None,
+        "decode_tokens_per_s": status.decode_tokens_per_s if status else None,
+        "platform": info.platform, "chip": info.chip, "version": info.version,
+        "excluded": None if exclusion is None else {
+            "failure": FailureKind[pb.FailureKind.Name(exclusion.failure)].value,
+            "reason": exclusion.reason, "failures": exclusion.failures,
+            "retry_in_s": round(exclusion.retry_in_s, 1)},
     }
