@@ -39,6 +39,10 @@ class Backend(Protocol):
 
     def accepts_model(self, name: str | None) -> bool: ...
 
+    def ensure_available(self) -> None:
+        """Raise ApiError (503, `server_error`, naming why) when no ring can serve now; called
+        before any templating, so every endpoint answers alike."""
+
 
 class FinishReason(Enum):
     STOP = "stop"  # an end-of-sequence token, a stop string, or a grammar completed

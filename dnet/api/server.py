@@ -8,6 +8,7 @@ from pathlib import Path
 
 import uvicorn
 
+from discovery.mdns import resolve_ipv4
 from dnet.api.app import HttpOptions, create_app
 from dnet.api.tokenizer import ChatTokenizer
 from dnet.entry import (
@@ -20,7 +21,7 @@ from dnet.entry import (
 )
 from dnet.model_files import read_config, resolve_metadata
 from dnet.proto import dnet_ring_pb2 as pb
-from dnet.ring.links import start_server
+from dnet.ring.links import listen_socket, start_server
 from dnet.serving import accepts_model, context_tokens
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class RingBackend:
 
     def accepts_model(self, name: str | None) -> bool:
         return accepts_model(self.model_name, name)
+
+    def ensure_available(self) -> None:
+        """A manual ring is always there to try; a dead shard is a 503 from the request."""
 
     def generate(self, prompt: list[int], sampling: pb.SamplingParams) -> AsyncIterator[pb.Token]:
         return self.entry.generate(prompt, sampling)
@@ -65,13 +69,15 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
     """Serve the API; `load_tokenizer` builds the model's tokenizer (dnet.tokenizer's
     `load_chat_tokenizer`: it loads MLX, which this package does not import)."""
     host, port = split_address(listen, 8080)
+    bind = "0.0.0.0" if host in WILDCARDS else resolve_ipv4(host)
+    # Bound first and exclusively: a taken port ends the process at once (PortInUse).
+    http_socket = listen_socket(bind, port)
     model_dir = resolve_metadata(model)
     # The token sink listens first: the entry's address is the port it gets.
     inflight = Inflight()
-    sink_host = "0.0.0.0" if host in WILDCARDS else host
-    server, sink_port = start_server(EntryService(inflight, model), sink_host, 0)
+    server, sink_port = start_server(EntryService(inflight, model), bind, 0)
     shard_host, _ = split_address(first_shard, 50501)
-    advertised = local_address_towards(shard_host) if host in WILDCARDS else host
+    advertised = local_address_towards(shard_host) if host in WILDCARDS else bind
     entry = RingEntry(first_shard, address=f"{advertised}:{sink_port}", inflight=inflight,
                       timeouts=timeouts or Timeouts(), max_requests=max_requests)
     backend = RingBackend(model, model_dir, entry, load_tokenizer(model_dir), max_context)
@@ -80,7 +86,7 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
     log.info("API on http://%s:%d, first shard %s, token sink %s", host or "0.0.0.0", port,
              first_shard, entry.address)
     try:
-        uvicorn.run(app, host=host or "0.0.0.0", port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[http_socket])
     finally:
         server.stop(grace=1)
         entry.close()

@@ -93,6 +93,11 @@ class RingEntry:
     def address(self) -> str:
         return self._address
 
+    def readdress(self, address: str) -> None:
+        """This node's token sink is now reached at `address` (host:port), e.g. after its
+        primary interface changed; requests from now on name it."""
+        self._address = address
+
     @property
     def head(self) -> str:
         return self._gate.view.head
@@ -127,6 +132,17 @@ class RingEntry:
         left = self._inflight.wait_idle(timeout_s)
         for request_id in left:
             self._inflight.fail(request_id, 503, REPLANNING)
+        return len(left)
+
+    def shut_down(self, timeout_s: float, message: str) -> int:
+        """Stop for good: admit nothing more, let the requests in flight end for up to
+        `timeout_s`, then fail the rest with `message` (a 503, never replayed). Returns how
+        many were failed. Blocks: call from a thread, never the event loop."""
+        self._recover = False
+        self.pause()
+        left = self._inflight.wait_idle(timeout_s)
+        for request_id in left:
+            self._inflight.fail(request_id, 503, message)
         return len(left)
 
     # ----- requests (the event loop) ------------------------------------------------------

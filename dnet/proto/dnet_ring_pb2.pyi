@@ -11,8 +11,38 @@ class FrameKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACTIVATION: _ClassVar[FrameKind]
     RELEASE: _ClassVar[FrameKind]
+
+class UnavailableKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AVAILABLE: _ClassVar[UnavailableKind]
+    NO_COORDINATOR: _ClassVar[UnavailableKind]
+    NO_MODEL: _ClassVar[UnavailableKind]
+    NO_NODE: _ClassVar[UnavailableKind]
+    CANNOT_PLAN: _ClassVar[UnavailableKind]
+    REPLANNING: _ClassVar[UnavailableKind]
+    SHUTTING_DOWN: _ClassVar[UnavailableKind]
+
+class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_UNSPECIFIED: _ClassVar[FailureKind]
+    LOAD_ERROR: _ClassVar[FailureKind]
+    OUT_OF_MEMORY: _ClassVar[FailureKind]
+    TIMEOUT: _ClassVar[FailureKind]
+    UNREACHABLE: _ClassVar[FailureKind]
 ACTIVATION: FrameKind
 RELEASE: FrameKind
+AVAILABLE: UnavailableKind
+NO_COORDINATOR: UnavailableKind
+NO_MODEL: UnavailableKind
+NO_NODE: UnavailableKind
+CANNOT_PLAN: UnavailableKind
+REPLANNING: UnavailableKind
+SHUTTING_DOWN: UnavailableKind
+FAILURE_UNSPECIFIED: FailureKind
+LOAD_ERROR: FailureKind
+OUT_OF_MEMORY: FailureKind
+TIMEOUT: FailureKind
+UNREACHABLE: FailureKind
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -166,7 +196,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("role", "model", "layers", "num_layers", "active_requests", "version", "hidden_size", "window", "node_id", "epoch", "leads_epoch")
+    __slots__ = ("role", "model", "layers", "num_layers", "active_requests", "version", "hidden_size", "window", "node_id", "epoch", "leads_epoch", "unavailable", "excluded", "unavailable_kind")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +208,9 @@ class HealthReply(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEADS_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_KIND_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     layers: _containers.RepeatedScalarFieldContainer[int]
@@ -189,14 +222,19 @@ class HealthReply(_message.Message):
     node_id: str
     epoch: int
     leads_epoch: int
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., active_requests: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., window: _Optional[int] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., leads_epoch: _Optional[int] = ...) -> None: ...
+    unavailable: str
+    excluded: _containers.RepeatedCompositeFieldContainer[Exclusion]
+    unavailable_kind: UnavailableKind
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., active_requests: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., window: _Optional[int] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., leads_epoch: _Optional[int] = ..., unavailable: _Optional[str] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., unavailable_kind: _Optional[_Union[UnavailableKind, str]] = ...) -> None: ...
 
 class MeasureRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("node_id", "flops", "disk_read_bytes_per_s", "memory_budget_bytes", "chip", "platform", "peer_latency_ms")
+    __slots__ = ("node_id", "flops", "disk_read_bytes_per_s", "memory_budget_bytes", "chip", "platform", "peer_latency_ms", "model_profile_json", "model_error")
     class PeerLatencyMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +249,8 @@ class DeviceInfo(_message.Message):
     CHIP_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     PEER_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     flops: float
     disk_read_bytes_per_s: float
@@ -218,7 +258,9 @@ class DeviceInfo(_message.Message):
     chip: str
     platform: str
     peer_latency_ms: _containers.ScalarMap[str, float]
-    def __init__(self, node_id: _Optional[str] = ..., flops: _Optional[float] = ..., disk_read_bytes_per_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., platform: _Optional[str] = ..., peer_latency_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model_profile_json: str
+    model_error: str
+    def __init__(self, node_id: _Optional[str] = ..., flops: _Optional[float] = ..., disk_read_bytes_per_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., platform: _Optional[str] = ..., peer_latency_ms: _Optional[_Mapping[str, float]] = ..., model_profile_json: _Optional[str] = ..., model_error: _Optional[str] = ...) -> None: ...
 
 class PlanMember(_message.Message):
     __slots__ = ("node_id", "name", "grpc_address", "http_port", "layers", "window")
@@ -237,18 +279,20 @@ class PlanMember(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_port: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("epoch", "model", "coordinator", "members", "plan_json")
+    __slots__ = ("epoch", "model", "coordinator", "members", "plan_json", "ring_epoch")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    RING_EPOCH_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     model: str
     coordinator: str
     members: _containers.RepeatedCompositeFieldContainer[PlanMember]
     plan_json: str
-    def __init__(self, epoch: _Optional[int] = ..., model: _Optional[str] = ..., coordinator: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PlanMember, _Mapping]]] = ..., plan_json: _Optional[str] = ...) -> None: ...
+    ring_epoch: int
+    def __init__(self, epoch: _Optional[int] = ..., model: _Optional[str] = ..., coordinator: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PlanMember, _Mapping]]] = ..., plan_json: _Optional[str] = ..., ring_epoch: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("epoch", "timeout_s")
@@ -259,12 +303,28 @@ class DrainRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
-    __slots__ = ("ok", "error")
+    __slots__ = ("ok", "error", "failure")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    failure: FailureKind
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., failure: _Optional[_Union[FailureKind, str]] = ...) -> None: ...
+
+class Exclusion(_message.Message):
+    __slots__ = ("node_id", "failure", "reason", "failures", "retry_in_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_IN_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    failure: FailureKind
+    reason: str
+    failures: int
+    retry_in_s: float
+    def __init__(self, node_id: _Optional[str] = ..., failure: _Optional[_Union[FailureKind, str]] = ..., reason: _Optional[str] = ..., failures: _Optional[int] = ..., retry_in_s: _Optional[float] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("epoch",)
@@ -277,7 +337,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "name", "epoch", "model", "layers", "window", "streaming", "memory_used_bytes", "memory_budget_bytes", "decode_tokens_per_s", "active_requests", "ready")
+    __slots__ = ("node_id", "name", "epoch", "model", "layers", "window", "streaming", "memory_used_bytes", "memory_budget_bytes", "decode_tokens_per_s", "active_requests", "ready", "running_plan")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +350,7 @@ class NodeStatus(_message.Message):
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_PLAN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     epoch: int
@@ -302,7 +363,8 @@ class NodeStatus(_message.Message):
     decode_tokens_per_s: float
     active_requests: int
     ready: bool
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., epoch: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., streaming: _Optional[bool] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    running_plan: PlanRequest
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., epoch: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., streaming: _Optional[bool] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., ready: _Optional[bool] = ..., running_plan: _Optional[_Union[PlanRequest, _Mapping]] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model",)

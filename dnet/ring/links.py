@@ -12,8 +12,10 @@ process. Shard runtimes and entries take a transport as a constructor argument.
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -41,6 +43,9 @@ CHANNEL_OPTIONS = [
     *_KEEPALIVE,
 ]
 SERVER_OPTIONS = [
+    # grpc listens with SO_REUSEPORT by default: a second process on the same port would
+    # share it and take calls meant for this one. Listening sockets are exclusive.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
@@ -216,12 +221,41 @@ class LinkPool:
             link.close()
 
 
+class PortInUse(OSError):
+    """Another process listens on the port already."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"port {port} on {host} is already in use")
+        self.host = host
+        self.port = port
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (IPv4) for a server to listen on; never shared with
+    another process (SO_REUSEADDR only lets a restarted server past TIME_WAIT; without
+    SO_REUSEPORT a second listener is refused). Raises PortInUse, or OSError."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port) from None
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def start_server(services: pb_grpc.RingServicer | list[tuple[Callable[..., Any], Any]], host: str,
                  port: int, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """Serve a Ring servicer (or (add_to_server, servicer) pairs) on host:port; 0 picks a
-    free port. Returns (server, port)."""
+    """Serve a Ring servicer (or (add_to_server, servicer) pairs) on host:port, exclusively;
+    0 picks a free port. Returns (server, port); raises PortInUse, or OSError."""
     from concurrent import futures
 
+    if port:
+        listen_socket(host, port).close()  # the error names the cause, which grpc does not
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=SERVER_OPTIONS, interceptors=auth.server_interceptors())
     if not isinstance(services, list):
@@ -230,9 +264,9 @@ def start_server(services: pb_grpc.RingServicer | list[tuple[Callable[..., Any],
         add_to_server(servicer, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:  # newer grpc raises instead of returning 0
-        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    except RuntimeError:  # newer grpc raises instead of returning 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} (address in use?)")
+        raise PortInUse(host, port)
     server.start()
     return server, bound
