@@ -17,8 +17,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dnet.model_facts import profile_from_tensors, profile_model
-from dnet.structure import UnsupportedModelError
 from planner import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_RESERVE_BYTES,
@@ -101,11 +99,18 @@ def _profile_from_hub(repo_id: str) -> ModelProfile:
         for file_metadata in metadata.files_metadata.values()
         for name, info in file_metadata.tensors.items()
     }
+    from dnet.model_facts import profile_from_tensors  # builds a lazy mlx-lm skeleton
+
     return profile_from_tensors(config, tensors, name=repo_id)
 
 
 def resolve_model_profile(path_or_id: str) -> ModelProfile:
-    """A local directory is profiled from its files; anything else is taken as a repo id."""
+    """A local directory is profiled from its files; anything else is taken as a repo id.
+    Raises ModelResolutionError. Imports MLX (mlx-lm's model classes), so only when called:
+    the CLI's client commands never load it."""
+    from dnet.model_facts import profile_model
+    from dnet.structure import UnsupportedModelError
+
     path = Path(path_or_id).expanduser()
     try:
         if path.is_dir():

@@ -101,7 +101,7 @@ class FakeBackend:
     def accepts_model(self, name: str | None) -> bool:
         return name in (None, "", "m", self.model_name, "default_model")
 
-    def ensure_available(self) -> None:
+    async def ensure_available(self) -> None:
         """A fake ring always serves."""
 
     async def generate(self, prompt: list[int],

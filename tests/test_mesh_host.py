@@ -194,3 +194,28 @@ def test_failure_kinds_of_exceptions() -> None:
     assert failure_of(MemoryError()) is FailureKind.OUT_OF_MEMORY
     assert failure_of(RuntimeError("CUDA out of memory")) is FailureKind.OUT_OF_MEMORY
     assert failure_of(ValueError("unsupported model type")) is FailureKind.LOAD_ERROR
+
+
+def test_frames_of_the_coming_ring_wait_for_this_node_to_switch() -> None:
+    """A member that commits first may send frames of the new ring while this node still loads
+    its layers at commit: they wait for the switch rather than being refused."""
+    import threading
+
+    host, _, loader = make_host()
+    host.prepare(plan(1, ("me", [0, 1]), ("b", [2, 3])))
+    host.commit(1)
+    first = host.runtime
+    host.prepare(plan(2, ("me", [0]), ("b", [1, 2, 3])))  # new layers: loaded at commit
+    assert host.runtime_for(1, timeout_s=0.0) is first  # the running ring's frames go on
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.append(host.runtime_for(2, timeout_s=30)))
+    waiting.start()
+    waiting.join(timeout=0.3)
+    assert waiting.is_alive() and not got  # held while the node has not switched
+    host.commit(2)
+    waiting.join(timeout=5)
+    assert got == [host.runtime] and host.runtime is loader.loaded[-1]
+    assert host.runtime.epoch == 2
+    host.prepare(plan(3, ("me", [0, 1]), ("b", [2, 3])))
+    host.abort(3)
+    assert host.runtime_for(3, timeout_s=5) is host.runtime  # an aborted switch waits no more

@@ -114,27 +114,27 @@ def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = No
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        backend.ensure_available()
+        await backend.ensure_available()
         return await openai_chat.serve(request, backend, body, escape=escape)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        backend.ensure_available()
+        await backend.ensure_available()
         return await openai_text.serve(request, backend, body)
 
     @app.post("/v1/messages")
     async def messages(body: anthropic.MessagesRequest, request: Request):
-        backend.ensure_available()
+        await backend.ensure_available()
         return await anthropic.serve(request, backend, body, escape=escape)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: anthropic.CountTokensRequest) -> dict[str, int]:
-        backend.ensure_available()
+        await backend.ensure_available()
         return anthropic.count_tokens(backend, body, escape=escape)
 
     @app.post("/v1/responses")
     async def create_response(body: responses.ResponsesRequest, request: Request):
-        backend.ensure_available()
+        await backend.ensure_available()
         return await responses.serve(request, backend, body, escape=escape)
 
     mount_dashboard(app)

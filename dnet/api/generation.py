@@ -39,9 +39,10 @@ class Backend(Protocol):
 
     def accepts_model(self, name: str | None) -> bool: ...
 
-    def ensure_available(self) -> None:
+    async def ensure_available(self) -> None:
         """Raise ApiError (503, `server_error`, naming why) when no ring can serve now; called
-        before any templating, so every endpoint answers alike."""
+        before any templating, so every endpoint answers alike. May wait a bounded time for a
+        ring that is about to serve (a node the coordinator is planning in)."""
 
 
 class FinishReason(Enum):

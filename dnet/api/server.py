@@ -44,7 +44,7 @@ class RingBackend:
     def accepts_model(self, name: str | None) -> bool:
         return accepts_model(self.model_name, name)
 
-    def ensure_available(self) -> None:
+    async def ensure_available(self) -> None:
         """A manual ring is always there to try; a dead shard is a 503 from the request."""
 
     def generate(self, prompt: list[int], sampling: pb.SamplingParams) -> AsyncIterator[pb.Token]:

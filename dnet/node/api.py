@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict
 from discovery.peers import PeerInfo, is_healthy
 from dnet.api.app import HttpOptions, create_app
 from dnet.api.errors import ApiError
-from dnet.node.control import FailureKind
+from dnet.entry import Timeouts
+from dnet.node.control import FailureKind, UnavailableKind
 from dnet.node.coordinator import LoadFailed
 from dnet.node.host import ServedModel
 from dnet.proto import dnet_ring_pb2 as pb
@@ -34,14 +35,21 @@ class MeshBackend:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def ensure_available(self) -> None:
-        """Raise the mesh's 503 when no ring can serve a request now."""
+    async def ensure_available(self) -> None:
+        """Raise the mesh's 503 when no ring can serve a request now. A node the ring serves
+        without it yet (just joined or restarted, its plan on the way) holds the request until
+        its plan commits, as long as a re-planning entry would (Timeouts.admission_s)."""
         verdict = self.node.unavailable()
+        if verdict is not None and verdict.kind is UnavailableKind.JOINING:
+            await asyncio.to_thread(self.node.host.wait_served, Timeouts().admission_s)
+            verdict = self.node.unavailable()
         if verdict is not None:
             raise ApiError(503, verdict.message, kind="server_error")
 
     def _served(self) -> ServedModel:
-        self.ensure_available()
+        verdict = self.node.unavailable()
+        if verdict is not None:
+            raise ApiError(503, verdict.message, kind="server_error")
         served = self.node.host.served
         if served is None:  # the plan changed under us: say so, the same way
             raise ApiError(503, "the mesh is re-planning; please retry", kind="server_error")

@@ -44,6 +44,7 @@ class UnavailableKind(Enum):
     CANNOT_PLAN = "cannot plan"
     REPLANNING = "re-planning"
     SHUTTING_DOWN = "shutting down"
+    JOINING = "joining"  # this node only: the ring serves, and its plan has not reached it yet
 
 
 @dataclass(frozen=True)

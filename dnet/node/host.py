@@ -162,6 +162,11 @@ class EpochHost:
         self._assignment: Assignment | None = None
         self._prepared: _Prepared | None = None
         self._lock = threading.Lock()  # one plan change at a time
+        # Who waits for a plan change to land (frames of the coming ring, requests on a node
+        # that has not joined yet), woken when it does; apart from _lock, which a commit
+        # holds while it loads layers.
+        self._changed = threading.Condition()
+        self._switching: int | None = None  # the ring epoch prepared and not yet committed
 
     @property
     def epoch(self) -> int:
@@ -198,6 +203,7 @@ class EpochHost:
                 log.exception("epoch %d: cannot prepare %s", plan.epoch, plan.model)
                 raise PrepareError(failure_of(exc), f"{type(exc).__name__}: {exc}") from exc
             self._prepared = _Prepared(plan, served, assignment, step, runtime)
+            self._switch_to(ring_epoch(plan))
 
     def drain(self, timeout_s: float) -> int:
         self.entry.pause()
@@ -211,27 +217,53 @@ class EpochHost:
         """Switch to the prepared plan. Raises NotPrepared, or PrepareError when a load
         deferred to this point fails (then this node holds no layers)."""
         with self._lock:
-            prepared = self._take_prepared(epoch)
-            plan = prepared.plan
-            if prepared.step is Step.KEEP:
-                self._retarget(plan)
-            else:
-                self._stop_runtime()
-                runtime = prepared.runtime
-                if prepared.step is Step.LOAD:
-                    try:
-                        runtime = self._load(plan, prepared.assignment)
-                    except Exception as exc:
-                        log.exception("epoch %d: cannot load layers", epoch)
-                        raise PrepareError(failure_of(exc),
-                                           f"{type(exc).__name__}: {exc}") from exc
-                self.runtime = runtime
-                self._assignment = prepared.assignment
-            self.plan, self.served = plan, prepared.served
-            self.entry.resume(head_address(plan), ring_epoch(plan))
+            try:
+                self._commit(self._take_prepared(epoch))
+            finally:
+                self._switch_to(None)
         member = self.my_member()
         held = format_layers(member.layers) if member and member.layers else "no layers"
-        log.info("epoch %d committed: model %s, this node holds %s", epoch, plan.model, held)
+        log.info("epoch %d committed: model %s, this node holds %s", epoch,
+                 self.plan.model if self.plan else "", held)
+
+    def _commit(self, prepared: _Prepared) -> None:
+        plan = prepared.plan
+        if prepared.step is Step.KEEP:
+            self._retarget(plan)
+        else:
+            self._stop_runtime()
+            runtime = prepared.runtime
+            if prepared.step is Step.LOAD:
+                try:
+                    runtime = self._load(plan, prepared.assignment)
+                except Exception as exc:
+                    log.exception("epoch %d: cannot load layers", plan.epoch)
+                    raise PrepareError(failure_of(exc),
+                                       f"{type(exc).__name__}: {exc}") from exc
+            self.runtime = runtime
+            self._assignment = prepared.assignment
+        self.plan, self.served = plan, prepared.served
+        self.entry.resume(head_address(plan), ring_epoch(plan))
+
+    def wait_served(self, timeout_s: float) -> bool:
+        """Block until a plan is committed here (a model is served), at most `timeout_s`
+        seconds; whether one is. Call from a thread, never the event loop."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.served is not None, timeout_s)
+
+    def runtime_for(self, epoch: int, timeout_s: float) -> Runtime | None:
+        """The runtime to hand a frame of ring `epoch`. While this node is switching to that
+        ring (prepared, or committing: loading its layers), wait for the switch, at most
+        `timeout_s` seconds, so a frame from a member that switched first is not refused.
+        Call from a thread, never the event loop."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._switching != epoch, timeout_s)
+            return self.runtime
+
+    def _switch_to(self, epoch: int | None) -> None:
+        with self._changed:
+            self._switching = epoch
+            self._changed.notify_all()
 
     def abort(self, epoch: int) -> None:
         """Drop what was prepared for `epoch` and carry on with the running plan (resuming
@@ -265,6 +297,7 @@ class EpochHost:
 
     def _discard_prepared(self) -> None:
         prepared, self._prepared = self._prepared, None
+        self._switch_to(None)
         if prepared is not None and prepared.runtime is not None:
             prepared.runtime.stop()
 

@@ -298,7 +298,7 @@ class Node:
         if mine is not None:
             return Unavailable(UnavailableKind.NO_NODE,
                                f"this node is left out of the mesh: {mine.reason}")
-        return Unavailable(UnavailableKind.REPLANNING,
+        return Unavailable(UnavailableKind.JOINING,
                            "this node has not joined a plan yet; please retry")
 
     def load_model(self, model: str) -> None:

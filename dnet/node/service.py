@@ -18,12 +18,15 @@ from dnet.node.coordinator import LoadFailed
 from dnet.node.host import NotPrepared, PrepareError
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.shard.runtime import ShardRuntime
 from dnet.shard.service import ShardService
 
 if TYPE_CHECKING:
     from dnet.node.node import Node
 
 log = logging.getLogger(__name__)
+
+SWITCH_WAIT_S = 120.0  # how long a frame of the coming ring waits for this node to switch
 
 
 class NodeRingService(ShardService):
@@ -32,6 +35,11 @@ class NodeRingService(ShardService):
     def __init__(self, node: Node) -> None:
         super().__init__(lambda: node.host.runtime)
         self.node = node
+
+    def runtime_for(self, epoch: int) -> ShardRuntime | None:
+        """Frames of the ring this node is switching to wait until it has (its layers may be
+        loading at commit while a member that switched first already sends)."""
+        return self.node.host.runtime_for(epoch, SWITCH_WAIT_S)
 
     def Tokens(self, request_iterator: Iterator[pb.Token],
                context: grpc.ServicerContext) -> Iterator[pb.Empty]:

@@ -38,8 +38,12 @@ class ShardService(pb_grpc.RingServicer):  # type: ignore[misc]  # generated unt
     def runtime(self) -> ShardRuntime | None:
         return self._runtime()
 
+    def runtime_for(self, epoch: int) -> ShardRuntime | None:
+        """The runtime to hand a frame of plan `epoch` (a mesh node may be switching rings)."""
+        return self.runtime
+
     def _accept(self, frame: pb.Frame) -> None:
-        runtime = self.runtime
+        runtime = self.runtime_for(frame.epoch)
         if runtime is None:
             raise FrameRejected(Status.FAILED_PRECONDITION, NO_LAYERS)
         runtime.accept(frame)
