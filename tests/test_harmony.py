@@ -195,14 +195,14 @@ def test_each_call_is_its_own_message_followed_by_its_result() -> None:
     assert [(m["role"], m.get("tool_call_id"), [c["id"] for c in m.get("tool_calls", [])])
             for m in out] == [("user", None, []), ("assistant", None, ["a"]),
                               ("tool", "a", []), ("assistant", None, ["b"]), ("tool", "b", [])]
-    assert out[1]["thinking"] == "Two calls." and "reasoning_content" not in out[1]
+    assert out[1]["reasoning_content"] == "Two calls." and "reasoning_content" not in out[3]
 
 
 def test_content_beside_thinking_on_a_call_joins_the_thinking() -> None:
     message = {"role": "assistant", "content": "Let me check.", "reasoning_content": "Hmm.",
                "tool_calls": [_call("a", "get_weather")]}
     (out,) = template_messages([message])
-    assert (out["thinking"], out["content"]) == ("Hmm.\n\nLet me check.", "")
+    assert (out["reasoning_content"], out["content"]) == ("Hmm.\n\nLet me check.", "")
 
 
 # ----- Grammars -------------------------------------------------------------------------------

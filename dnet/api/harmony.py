@@ -209,11 +209,12 @@ class HarmonyParser:
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as gpt-oss's chat template reads them: an assistant's reasoning under
-    `thinking` (not `reasoning_content`), and one tool call per assistant message, each
-    followed by its own result: the template renders only the first call of a message, names
-    a tool result after the last call before it, and refuses a call message with both content
-    and thinking (the content then joins the thinking, which is what the model sees of it)."""
+    """Messages as gpt-oss's chat template reads them: one tool call per assistant message,
+    each followed by its own result (the template renders only the first call of a message
+    and names a tool result after the last call before it), and a call message's content
+    joined to its reasoning (the template refuses a call message with both, and renders the
+    one it gets as the analysis before the call). The reasoning itself (`reasoning_content`)
+    reaches the template's `thinking` by transformers' own aliasing."""
     out: list[dict] = []
     i = 0
     while i < len(messages):
@@ -222,7 +223,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
         if message.get("role") != "assistant":
             out.append(message)
             continue
-        message = _with_thinking(message)
+        message = _one_analysis(message)
         calls = message.get("tool_calls") or []
         if len(calls) < 2:
             out.append(message)
@@ -240,13 +241,9 @@ def template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _with_thinking(message: dict) -> dict:
-    if "reasoning_content" not in message:
+def _one_analysis(message: dict) -> dict:
+    reasoning = message.get("reasoning_content")
+    if not (message.get("tool_calls") and message.get("content") and reasoning):
         return message
-    message = dict(message)
-    thinking = message.pop("reasoning_content") or ""
-    if message.get("tool_calls") and message.get("content") and thinking:
-        thinking, message["content"] = f"{thinking}\n\n{message['content']}", ""
-    if thinking:
-        message["thinking"] = thinking
-    return message
+    return {**message, "reasoning_content": f"{reasoning}\n\n{message['content']}",
+            "content": ""}
