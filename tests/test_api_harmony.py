@@ -232,6 +232,17 @@ def test_anthropic_thinking_disabled_asks_for_low_effort(backend: Harmony) -> No
     assert "Reasoning: low\n" in last_prompt(backend)
 
 
+def test_anthropic_thinking_budget_ends_a_long_analysis(backend: Harmony) -> None:
+    backend.call("<|channel|>analysis<|message|>" + "and so on " * 40 + "<|end|><|start|>"
+                 "assistant<|channel|>final<|message|>done")
+    message = anthropic_client(backend).messages.create(
+        model="m", max_tokens=2000, messages=USER,
+        thinking={"type": "enabled", "budget_tokens": 16})
+    assert message.stop_reason == "max_tokens"
+    assert [b.type for b in message.content] == ["thinking"]
+    assert message.usage.output_tokens <= 16 + 3  # the header's tokens, then 16 of thinking
+
+
 # ----- OpenAI Responses ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -125,9 +125,13 @@ def test_a_preamble_is_content_and_each_call_has_its_own_id(chunking) -> None:
     # Arguments that are not JSON: the message comes back as text, never lost.
     ("<|channel|>commentary to=functions.get_weather json<|message|>{city: Paris",
      "<|channel|>commentary to=functions.get_weather json<|message|>{city: Paris"),
-    # A model that does not speak harmony: its text is content, short or long.
+    # A model that does not speak harmony: its text is content, short or long, or ended.
     ("Just some text.", "Just some text."),
     ("word " * 80, "word " * 80),
+    ("Just some text.<|end|>", "Just some text."),
+    # A call to a tool that was not offered (gpt-oss's built-in python) is text.
+    ("<|channel|>analysis to=python code<|message|>print(1)",
+     "<|channel|>analysis to=python code<|message|>print(1)"),
     # Text in a body that looks like the start of a marker is text.
     ("<|channel|>final<|message|>a <| b <", "a <| b <"),
 ])
@@ -140,8 +144,9 @@ def test_without_tools_a_call_is_text() -> None:
     assert parts == [Delta(Channel.CONTENT, CALL_TEXT)]
 
 
-def test_an_answer_cut_short_in_its_header_returns_no_markup() -> None:
-    assert parse(ANALYSIS + "<|channel|>fin", whole) == [
+@pytest.mark.parametrize("cut", ["<|channel|>fin", "", " to=functions.get_w"])
+def test_an_answer_cut_short_in_its_header_returns_no_markup(cut: str) -> None:
+    assert parse(ANALYSIS + cut, whole) == [
         Delta(Channel.REASONING, "The user wants the weather.")]
 
 

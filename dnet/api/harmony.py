@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from dnet.api.output import Channel, Delta, Part, ToolCall, new_call_id
 from dnet.api.tokenizer import HarmonyTokens
@@ -61,10 +62,13 @@ class HarmonyChannel(Enum):
 
 def harmony_tokens(vocab: Mapping[str, int], added: frozenset[int]) -> HarmonyTokens | None:
     """The harmony markers' ids when every one is an added token of the vocabulary, else None."""
-    ids = {m: vocab.get(m.value) for m in Marker}
-    if any(i is None or i not in added for i in ids.values()):
-        return None
-    return HarmonyTokens(start=ids[Marker.START], end=ids[Marker.END],  # type: ignore[arg-type]
+    ids: dict[Marker, int] = {}
+    for marker in Marker:
+        token = vocab.get(marker.value)
+        if token is None or token not in added:
+            return None
+        ids[marker] = token
+    return HarmonyTokens(start=ids[Marker.START], end=ids[Marker.END],
                          message=ids[Marker.MESSAGE], channel=ids[Marker.CHANNEL],
                          constrain=ids[Marker.CONSTRAIN], call=ids[Marker.CALL],
                          return_=ids[Marker.RETURN])
@@ -102,6 +106,13 @@ def parse_header(text: str) -> Header:
     return Header(channel, recipient.group(1) if recipient else None)
 
 
+def _plain(header: str) -> bool:
+    """Whether text read as a header is the model's plain text: it has no markers and is more
+    than a role and a recipient (`assistant to=functions.f`, cut short by the end)."""
+    return not _MARKER_RE.search(header) and not re.fullmatch(
+        r"\s*(assistant)?\s*(to=\S*)?\s*", header)
+
+
 def _held(text: str) -> int:
     """How many characters at the end of `text` may be the start of a marker."""
     start = text.rfind("<|", max(0, len(text) - max(len(m.value) for m in Marker)))
@@ -116,7 +127,9 @@ class HarmonyParser:
     Header text is held until its `<|message|>`; a body is released as it comes, except a
     tool call's, which is one `ToolCall` when it ends (by `<|call|>`, or by the output
     ending: `<|call|>` is an end-of-sequence token and never reaches the text). A call whose
-    arguments are not JSON, or any call when tools were not offered, comes back as text.
+    arguments are not JSON, a call to a recipient other than `functions.*` (gpt-oss's
+    built-in browser and python tools, which are not offered here), or any call when tools
+    were not offered comes back as text, markers and all: nothing the model wrote is lost.
     """
 
     def __init__(self, parse_tools: bool) -> None:
@@ -154,24 +167,26 @@ class HarmonyParser:
         self._pending = ""
         if self._header is None:
             return parts + self._close()
-        header, self._header = self._header, ""
-        if header.strip() and not _MARKER_RE.search(header):
-            parts.append(Delta(Channel.CONTENT, header))  # plain text, not a header
-        return parts
+        return parts + self._drop_header()
+
+    def _drop_header(self) -> list[Part]:
+        """A header that ended without its `<|message|>`: markup is dropped, plain text kept."""
+        header, self._header = self._header or "", ""
+        return [Delta(Channel.CONTENT, header)] if _plain(header) else []
 
     def _text(self, text: str) -> list[Part]:
         if not text:
             return []
         if self._header is not None:
             self._header += text
-            if len(self._header) > HEADER_LIMIT and not _MARKER_RE.search(self._header):
+            if len(self._header) > HEADER_LIMIT and _plain(self._header):
                 plain, self._header = self._header, None  # the model is not speaking harmony
                 self._message = Header(None, None)
                 return [Delta(Channel.CONTENT, plain)]
             return []
         assert self._message is not None
-        if self._message.function is not None:
-            self._body += text
+        if self._message.recipient is not None:
+            self._body += text  # a call: one part when it ends
             return []
         return [Delta(self._message.output, text)]
 
@@ -183,7 +198,7 @@ class HarmonyParser:
             elif marker in (Marker.CHANNEL, Marker.CONSTRAIN):
                 self._header += marker.value
             else:
-                self._header = ""  # a new message, or an end without a body: no text
+                return self._drop_header()  # a new message, or an end without a body
             return []
         if marker in ENDS or marker is Marker.START:
             parts = self._close()
@@ -194,11 +209,12 @@ class HarmonyParser:
     def _close(self) -> list[Part]:
         message, body = self._message, self._body
         self._message, self._body = None, ""
-        if message is None or message.function is None:
+        if message is None or message.recipient is None:
             return []
-        raw = [Delta(Channel.CONTENT, f"{self._raw_header}{Marker.MESSAGE.value}{body}")]
-        if not self.parse_tools:
-            return raw  # no tools were offered: nothing is parsed, nothing is lost
+        raw: list[Part] = [Delta(Channel.CONTENT,
+                                 f"{self._raw_header}{Marker.MESSAGE.value}{body}")]
+        if message.function is None or not self.parse_tools:
+            return raw  # a tool not offered (or none was): nothing is parsed, nothing is lost
         arguments = body.strip()
         try:
             json.loads(arguments)
@@ -208,14 +224,14 @@ class HarmonyParser:
         return [ToolCall(new_call_id(), message.function, arguments)]
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as gpt-oss's chat template reads them: one tool call per assistant message,
     each followed by its own result (the template renders only the first call of a message
     and names a tool result after the last call before it), and a call message's content
     joined to its reasoning (the template refuses a call message with both, and renders the
     one it gets as the analysis before the call). The reasoning itself (`reasoning_content`)
     reaches the template's `thinking` by transformers' own aliasing."""
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     i = 0
     while i < len(messages):
         message = messages[i]
@@ -241,7 +257,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _one_analysis(message: dict) -> dict:
+def _one_analysis(message: dict[str, Any]) -> dict[str, Any]:
     reasoning = message.get("reasoning_content")
     if not (message.get("tool_calls") and message.get("content") and reasoning):
         return message
