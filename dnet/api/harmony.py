@@ -5,9 +5,10 @@ by `<|end|>`, `<|call|>` (a tool call: the turn ends) or `<|return|>` (the answe
 chat template opens the first message (`<|start|>assistant`), so the output begins with its
 header. The header names the channel (`<|channel|>analysis`, `commentary` or `final`), and
 for a tool call its recipient (`to=functions.NAME`, before or after the channel) and content
-type (`<|constrain|>json`). Mapped as vLLM maps them: `analysis` is reasoning, `final` and a
-`commentary` message without a recipient (a preamble to the user) are content, a message to
-`functions.NAME` is a call of NAME whose body is its JSON arguments.
+type (`<|constrain|>json`). Mapped as OpenAI's harmony guide describes the channels:
+`analysis` (the chain of thought) is reasoning, `final` and a `commentary` message without a
+recipient (a preamble shown to the user) are content, a message to `functions.NAME` is a call
+of NAME whose body is its JSON arguments.
 
 Why a parser of our own: mlx-lm 0.32.2 has none (its tool parsers and TextStateMachine match
 fixed markers and drop the header, which holds the tool's name), and the `openai-harmony`
