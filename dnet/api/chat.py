@@ -40,6 +40,24 @@ class FormatKind(Enum):
     JSON_SCHEMA = "json_schema"
 
 
+class ReasoningEffort(Enum):
+    """OpenAI's `reasoning_effort` / `reasoning.effort` values."""
+
+    NONE = "none"
+    MINIMAL = "minimal"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    XHIGH = "xhigh"
+
+
+# gpt-oss's template takes `reasoning_effort` low, medium or high; it cannot turn reasoning off,
+# so "none" and "minimal" ask for the least it does.
+HARMONY_EFFORT = {ReasoningEffort.NONE: "low", ReasoningEffort.MINIMAL: "low",
+                  ReasoningEffort.LOW: "low", ReasoningEffort.MEDIUM: "medium",
+                  ReasoningEffort.HIGH: "high", ReasoningEffort.XHIGH: "high"}
+
+
 @dataclass(frozen=True)
 class OutputFormat:
     kind: FormatKind = FormatKind.TEXT
@@ -55,6 +73,7 @@ class Conversation:
     parallel_tool_calls: bool = True
     output_format: OutputFormat = field(default_factory=OutputFormat)
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning_effort: ReasoningEffort | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +86,7 @@ class PreparedChat:
 def check_tools(tokenizer: ChatTokenizer, conversation: Conversation) -> None:
     """ApiError (400) for tools the model cannot call, or a tool choice that does not fit."""
     tools, choice = conversation.tools, conversation.tool_choice
-    if tools and tokenizer.tools is None:
+    if tools and tokenizer.tools is None and tokenizer.harmony is None:
         raise ApiError(400, "this model's tokenizer has no tool-calling format, so it cannot "
                             "call tools; send the request without tools", param="tools")
     names = [tool["function"]["name"] for tool in tools or []]
@@ -107,6 +126,23 @@ def offered_tools(conversation: Conversation) -> list[dict] | None:
     return conversation.tools or None
 
 
+def template_kwargs(tokenizer: ChatTokenizer, conversation: Conversation) -> dict[str, Any]:
+    """The chat template's keyword arguments: the request's own, plus its reasoning effort as
+    the model's template takes it (`reasoning_effort` for gpt-oss, whose template also stands
+    for `enable_thinking: false` with low effort; `enable_thinking` for the others, on unless
+    the effort is "none"). Arguments the request gives the template itself win."""
+    kwargs = dict(conversation.template_kwargs)
+    effort = conversation.reasoning_effort
+    if tokenizer.harmony is not None:
+        if effort is None and kwargs.get("enable_thinking") is False:
+            effort = ReasoningEffort.NONE
+        if effort is not None:
+            kwargs.setdefault("reasoning_effort", HARMONY_EFFORT[effort])
+    elif effort is not None:
+        kwargs.setdefault("enable_thinking", effort is not ReasoningEffort.NONE)
+    return kwargs
+
+
 def prepare_chat(tokenizer: ChatTokenizer, conversation: Conversation, *,
                  escape: bool = True) -> PreparedChat:
     """Prompt ids, grammar and output parsing for a conversation; ApiError (400) for what
@@ -114,7 +150,7 @@ def prepare_chat(tokenizer: ChatTokenizer, conversation: Conversation, *,
     check_tools(tokenizer, conversation)
     offered = offered_tools(conversation)
     prompt = render_chat(tokenizer, conversation.messages, offered,
-                         conversation.template_kwargs, escape=escape)
+                         template_kwargs(tokenizer, conversation), escape=escape)
     state = initial_state(tokenizer, prompt)
     grammar = _grammar(tokenizer, prompt, state, conversation)
     output = OutputSpec(state=state, tools=offered, parse_tools=bool(offered),
@@ -127,4 +163,4 @@ def count_prompt(tokenizer: ChatTokenizer, conversation: Conversation, *,
     """Tokens the conversation's prompt takes (Anthropic's count_tokens)."""
     check_tools(tokenizer, conversation)
     return len(render_chat(tokenizer, conversation.messages, offered_tools(conversation),
-                           conversation.template_kwargs, escape=escape))
+                           template_kwargs(tokenizer, conversation), escape=escape))

@@ -9,7 +9,10 @@ takes seconds on large vocabularies), and a bitmask that applies to MLX arrays a
 other. A schema feature it does not implement is refused here with a 400 that names it.
 
 A thinking model may think first: the grammar lets the think block through untouched and
-constrains what follows it.
+constrains what follows it. For gpt-oss (harmony) the constrained text sits in its channel:
+analysis messages pass untouched, then the JSON answer is the `final` message, or the call
+is `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>` + arguments, as
+gpt-oss writes them (the answer ends there, where gpt-oss's `<|return|>` or `<|call|>` would).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from typing import Any
 from llguidance import LLMatcher
 
 from dnet.api.errors import ApiError
-from dnet.api.tokenizer import ChatTokenizer, Markers
+from dnet.api.tokenizer import ChatTokenizer, HarmonyTokens, Markers
 
 # JSON whitespace the model may choose between tokens, bounded so that a model that prefers
 # whitespace cannot run out its token budget on it.
 JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,8}"}
 TOOL_FORMATS_WITH_JSON_CALLS = ("json_tools",)  # <tool_call>{"name", "arguments"}</tool_call>
+OBJECT = {"type": "object"}  # the arguments of a tool that declares no parameters
 THINK_TAIL_TOKENS = 16  # a template that turned thinking off closes a think block this close
 
 
@@ -91,8 +95,34 @@ def json_grammar(tokenizer: ChatTokenizer, prompt: list[int], state: str,
                  schema: dict, param: str) -> str:
     """The answer is one JSON value valid against `schema` (after any reasoning)."""
     check_schema(schema, param)
+    if tokenizer.harmony is not None:
+        h = tokenizer.harmony
+        return _finish(["start: analysis* final",
+                        f'final: <[{h.channel}]> "final" <[{h.message}]> answer',
+                        f"answer: {_json_rule(schema)}", _harmony_analysis(h)], param)
     prefix, rules = _think_rules(tokenizer, prompt, state)
     return _finish([f"start: {prefix}answer", f"answer: {_json_rule(schema)}", *rules], param)
+
+
+def _harmony_analysis(h: HarmonyTokens) -> str:
+    """A harmony analysis message, and the start of the next message's header."""
+    return (f'analysis: <[{h.channel}]> "analysis" <[{h.message}]> /(?s:.*)/ <[{h.end}]> '
+            f'<[{h.start}]> "assistant"')
+
+
+def _harmony_calls(h: HarmonyTokens, tools: list[dict]) -> list[str]:
+    """One call of one of the tools, as gpt-oss writes it. Harmony has one call per answer:
+    its `<|call|>` ends the turn. That end, as `<|return|>` after a final message, is an
+    end-of-sequence token, which llguidance keeps out of grammars; the answer ends when the
+    grammar is complete, which is where the end token would come."""
+    lines = ["start: analysis* call", "call: " + " | ".join(f"call{i}" for i in range(len(tools))),
+             _harmony_analysis(h)]
+    for i, tool in enumerate(tools):
+        header = json.dumps(f"commentary to=functions.{tool['function']['name']} ")
+        lines += [f'call{i}: <[{h.channel}]> {header} <[{h.constrain}]> "json" <[{h.message}]> '
+                  f"args{i}",
+                  f"args{i}: {_json_rule(tool['function'].get('parameters') or OBJECT)}"]
+    return lines
 
 
 def call_schema(tool: dict) -> dict:
@@ -109,15 +139,17 @@ def tool_call_grammar(tokenizer: ChatTokenizer, prompt: list[int], state: str,
     """The answer is one tool call (or several, when parallel) of the given tools, with
     arguments valid against each tool's schema, in the model's own tool-call format."""
     param = "tool_choice"
+    for i, tool in enumerate(tools):
+        check_schema(tool["function"].get("parameters") or {"type": "object"},
+                     f"tools[{i}].function.parameters")
+    if tokenizer.harmony is not None:
+        return _finish(_harmony_calls(tokenizer.harmony, tools), param)
     fmt = tokenizer.tools
     if fmt is None or fmt.name not in TOOL_FORMATS_WITH_JSON_CALLS:
         name = fmt.name if fmt else "none"
         raise ApiError(400, f"tool_choice 'required' or a named function needs a model whose "
                             f"tool calls are JSON ({', '.join(TOOL_FORMATS_WITH_JSON_CALLS)}); "
                             f"this model's format is {name}", param=param)
-    for i, tool in enumerate(tools):
-        check_schema(tool["function"].get("parameters") or {"type": "object"},
-                     f"tools[{i}].function.parameters")
     schemas = [call_schema(tool) for tool in tools]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     markers = fmt.markers

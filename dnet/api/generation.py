@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Protocol
 
 from dnet.api.errors import ApiError
+from dnet.api.harmony import HarmonyParser
 from dnet.api.output import Channel, Delta, OutputParser, Part, ToolCall
 from dnet.api.textstream import TextStream, TokenText
 from dnet.api.tokenizer import ChatTokenizer
@@ -179,6 +180,14 @@ def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     return result
 
 
+def output_parser(tokenizer: ChatTokenizer, spec: OutputSpec) -> OutputParser | HarmonyParser:
+    """The parser of the model's output format: harmony's for gpt-oss, mlx-lm's markers for
+    the others; text completions (raw) parse nothing."""
+    if tokenizer.harmony is not None and not spec.raw:
+        return HarmonyParser(parse_tools=spec.parse_tools)
+    return OutputParser(tokenizer, spec.state, spec.tools, spec.parse_tools, raw=spec.raw)
+
+
 class _Reader:
     """One job's text state: exact decoding, stop strings and output parsing."""
 
@@ -187,9 +196,7 @@ class _Reader:
         self.job = job
         self.text = TokenText(tokenizer.token_bytes)
         self.stream = TextStream(list(job.stops))
-        spec = job.output
-        self.parser = OutputParser(tokenizer, spec.state, spec.tools, spec.parse_tools,
-                                   raw=spec.raw)
+        self.parser = output_parser(tokenizer, job.output)
         self.eos = set(job.sampling.eos_token_ids)
         self.calls = 0
         self.reasoning_tokens = 0

@@ -20,6 +20,7 @@ from dnet.api.chat import (
     Conversation,
     FormatKind,
     OutputFormat,
+    ReasoningEffort,
     ToolChoice,
     ToolChoiceKind,
     prepare_chat,
@@ -141,7 +142,9 @@ def conversation_of(body: ChatRequest) -> Conversation:
         messages=[template_message(m, i) for i, m in enumerate(body.messages)],
         tools=tools, tool_choice=choice,
         parallel_tool_calls=body.parallel_tool_calls is not False,
-        output_format=fmt, template_kwargs=dict(body.chat_template_kwargs or {}))
+        output_format=fmt, template_kwargs=dict(body.chat_template_kwargs or {}),
+        reasoning_effort=ReasoningEffort(body.reasoning_effort) if body.reasoning_effort
+        else None)
 
 
 def chat_jobs(backend: Backend, body: ChatRequest, *, escape: bool) -> list[Job]:

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from dnet.api import harmony
 from dnet.api.errors import ApiError
 from dnet.api.tokenizer import ChatTokenizer
 
@@ -109,6 +110,8 @@ def render_chat(tokenizer: ChatTokenizer, messages: list[dict], tools: list[dict
         raise ApiError(400, "this model has no chat template; use /v1/completions",
                        param="messages")
     messages = with_developer_as_system(messages, tokenizer.template_source)
+    if tokenizer.harmony is not None:
+        messages = harmony.template_messages(messages)
     specials = tokenizer.special_tokens if escape else ()
     escaper = Escaper(specials, _strings([messages, tools or []]))
     try:

@@ -22,6 +22,7 @@ from dnet.api.chat import (
     Conversation,
     FormatKind,
     OutputFormat,
+    ReasoningEffort,
     ToolChoice,
     ToolChoiceKind,
     prepare_chat,
@@ -192,12 +193,11 @@ def conversation_of(body: ResponsesRequest) -> Conversation:
             raise ApiError(400, "text.format json_schema needs a schema",
                            param="text.format.schema")
         fmt = OutputFormat(FormatKind.JSON_SCHEMA, requested.schema_, param="text.format.schema")
-    kwargs = {}
-    if body.reasoning is not None and body.reasoning.effort is not None:
-        kwargs["enable_thinking"] = body.reasoning.effort != "none"
+    effort = body.reasoning.effort if body.reasoning is not None else None
     return Conversation(messages=_messages(body), tools=_tools(body), tool_choice=choice,
                         parallel_tool_calls=body.parallel_tool_calls is not False,
-                        output_format=fmt, template_kwargs=kwargs)
+                        output_format=fmt,
+                        reasoning_effort=ReasoningEffort(effort) if effort else None)
 
 
 def _id(prefix: str) -> str:

@@ -148,6 +148,7 @@ class ChatRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
     def options(self) -> Options:
         return self.sampling_options(self.max_completion_tokens or self.max_tokens,

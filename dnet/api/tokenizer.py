@@ -33,6 +33,23 @@ class ToolFormat:
     parse: Callable[[str, list[dict] | None], Any]
 
 
+@dataclass(frozen=True)
+class HarmonyTokens:
+    """The ids of OpenAI's harmony markers (gpt-oss), for a tokenizer whose vocabulary has
+    them all as added tokens. A message is `<|start|>{header}<|message|>{body}` ended by
+    `<|end|>`, `<|call|>` (a tool call: the turn ends) or `<|return|>` (the answer ends); the
+    header holds the role, `<|channel|>{analysis|commentary|final}`, the recipient
+    (`to=functions.NAME`) and the content type (`<|constrain|>json`)."""
+
+    start: int
+    end: int
+    message: int
+    channel: int
+    constrain: int
+    call: int
+    return_: int
+
+
 class ChatTokenizer(Protocol):
     vocab_size: int
     eos_token_ids: frozenset[int]
@@ -43,6 +60,7 @@ class ChatTokenizer(Protocol):
     think: Markers | None  # None when the model does not think
     tools: ToolFormat | None  # None when the tokenizer has no tool-call format
     initial_state: str | None  # a response format's first state ("reasoning"), if it fixes one
+    harmony: HarmonyTokens | None  # the model speaks harmony (gpt-oss): its markers' ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's exact bytes (a leading space included; maybe part of a character)."""
