@@ -145,7 +145,7 @@ Action = Wait | Replan
 def backoff_s(failures: int) -> float:
     """Seconds to wait after `failures` (>= 1) failures in a row: 2, 4, 8, ... capped at 60."""
     doublings = min(max(1, failures) - 1, 32)  # past the cap long before; no float overflow
-    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**doublings)
+    return float(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**doublings))
 
 
 def decide(state: ControlState, view: View, now: float,
