@@ -11,12 +11,14 @@ import ipaddress
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import psutil
 from zeroconf import (
     InterfaceChoice,
     IPVersion,
@@ -26,6 +28,7 @@ from zeroconf import (
     Zeroconf,
 )
 
+from discovery.addresses import Interface
 from discovery.election import registration_rank
 from discovery.identity import SERVICE_TYPE
 from discovery.peers import PeerInfo
@@ -38,7 +41,9 @@ __all__ = [
     "decode_txt",
     "encode_txt",
     "instance_label",
+    "local_interfaces",
     "open_zeroconf",
+    "resolve_ipv4",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,35 @@ def instance_label(name: str, node_id: str) -> str:
     return f"{safe_name or 'dnet'}-{node_id}"
 
 
+def resolve_ipv4(host: str) -> str:
+    """The IPv4 address of `host`: an address as given, a name (e.g. "localhost") looked up.
+
+    Raises ValueError naming the host when it has no IPv4 address."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(host)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve host {host!r} to an IPv4 address: {exc}") from None
+
+
+def local_interfaces() -> list[Interface]:
+    """The IPv4 addresses of this machine's interfaces that are up, loopback included."""
+    stats = psutil.net_if_stats()
+    found = []
+    for name, addresses in sorted(psutil.net_if_addrs().items()):
+        if name in stats and not stats[name].isup:
+            continue
+        for address in addresses:
+            if address.family != socket.AF_INET or not address.netmask:
+                continue
+            prefix = ipaddress.IPv4Network(f"0.0.0.0/{address.netmask}").prefixlen
+            found.append(Interface(name, address.address, prefix))
+    return found
+
+
 def open_zeroconf(host: str | None) -> Zeroconf:
     """A Zeroconf instance on every interface (None) or on the one IPv4 address `host`.
 
@@ -64,19 +98,23 @@ def open_zeroconf(host: str | None) -> Zeroconf:
     a Mac reachable over both Wi-Fi and Ethernet/Thunderbolt is found on each. IPv4 only,
     because peers are dialled by the IPv4 address they advertise, and IPv6 multicast setup
     fails on hosts without IPv6. A single address (127.0.0.1 for a mesh on one machine, a
-    network namespace's address in tests) keeps traffic off every other interface.
+    network namespace's address in tests) keeps traffic off every other interface; a host
+    name is looked up first (ValueError when that fails).
     """
     if host is None:
         return Zeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
-    ipaddress.IPv4Address(host)  # fail here, clearly, rather than deep inside zeroconf
-    return Zeroconf(interfaces=[host], ip_version=IPVersion.V4Only)
+    return Zeroconf(interfaces=[resolve_ipv4(host)], ip_version=IPVersion.V4Only)
 
 
 class Advertiser:
-    """Keeps one node's registration on the network. Does not own (or close) the Zeroconf."""
+    """Keeps one node's registration on the network. Does not own (or close) the Zeroconf.
 
-    def __init__(self, zeroconf: Zeroconf) -> None:
+    The A records carry the advert's `address` (its primary) and `addresses`, the node's
+    other interfaces' addresses; receivers dial the one they can reach."""
+
+    def __init__(self, zeroconf: Zeroconf, addresses: Sequence[str] = ()) -> None:
         self._zeroconf = zeroconf
+        self.addresses = tuple(addresses)
         self._lock = threading.Lock()
         self._service: ServiceInfo | None = None
         self._advertised: PeerInfo | None = None
@@ -132,14 +170,14 @@ class Advertiser:
         self._zeroconf.register_service(service, allow_name_change=True, strict=False)
         return self._remember(service, info)
 
-    @staticmethod
-    def _service_info(info: PeerInfo, name: str, server: str | None) -> ServiceInfo:
+    def _service_info(self, info: PeerInfo, name: str, server: str | None) -> ServiceInfo:
+        addresses = list(dict.fromkeys([info.address, *self.addresses]))
         return ServiceInfo(
             SERVICE_TYPE,
             name,
             port=info.grpc_port,
             properties=encode_txt(info),
-            parsed_addresses=[info.address],
+            parsed_addresses=addresses,
             server=server,
         )
 
@@ -156,6 +194,9 @@ class Browser:
 
     When one of several registrations sharing a node id goes away, the remaining senior one is
     reported again through `on_add`, so a table keyed by node id gets it back.
+
+    `local` are this node's interfaces: of a peer's addresses, the one sharing a subnet with
+    them is the one reported (see `discovery.addresses.reachable_address`).
     """
 
     def __init__(
@@ -163,8 +204,10 @@ class Browser:
         zeroconf: Zeroconf,
         on_add: Callable[[PeerInfo], None],
         on_remove: Callable[[str], None],
+        local: Sequence[Interface] = (),
     ) -> None:
         self._zeroconf = zeroconf
+        self._local = tuple(local)
         self._on_add = on_add
         self._on_remove = on_remove
         self._lock = threading.Lock()
@@ -213,11 +256,15 @@ class Browser:
 
     def _resolve(self, name: str) -> None:
         service = self._zeroconf.get_service_info(SERVICE_TYPE, name, timeout=RESOLVE_TIMEOUT_MS)
-        if service is None:
+        if service is None or service.port is None:
             log.debug("no answer resolving %s", name)
             return
         advert = decode_txt(
-            service.properties, service.parsed_addresses(IPVersion.V4Only), service.port, name
+            service.properties,
+            service.parsed_addresses(IPVersion.V4Only),
+            service.port,
+            name,
+            self._local,
         )
         if advert is None:
             # Not (or no longer) a dnet record of our TXT version.
@@ -244,7 +291,8 @@ def browse_once(host: str | None, timeout_s: float) -> list[PeerInfo]:
     """The dnet adverts seen within `timeout_s` (for `dnet status`), sorted by node id."""
     zeroconf = open_zeroconf(host)
     try:
-        browser = Browser(zeroconf, on_add=lambda info: None, on_remove=lambda name: None)
+        browser = Browser(zeroconf, on_add=lambda info: None, on_remove=lambda name: None,
+                          local=local_interfaces())
         try:
             time.sleep(timeout_s)
             return browser.known()

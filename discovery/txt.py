@@ -1,19 +1,20 @@
 """The mDNS TXT record of a dnet node: `PeerInfo` <-> key/value strings. Pure.
 
-The service's SRV port is the gRPC port and its A record the address; everything else is in
-TXT. Keys are short because the whole record travels in every announcement. Each "key=value"
-string must fit in one DNS character-string (255 bytes), so descriptive fields are cut to a
-budget, while fields that identify something (ids, model) are refused if too long: a cut
-model name would silently name a different model.
+The service's SRV port is the gRPC port and its A records the node's addresses (one per
+interface; see discovery/addresses.py); everything else is in TXT, including which address is
+the node's primary. Keys are short because the whole record travels in every announcement.
+Each "key=value" string must fit in one DNS character-string (255 bytes), so descriptive
+fields are cut to a budget, while fields that identify something (ids, model) are refused if
+too long: a cut model name would silently name a different model.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from collections.abc import Mapping, Sequence
 
+from discovery.addresses import Interface, reachable_address
 from discovery.identity import is_node_id
 from discovery.peers import PeerInfo
 
@@ -31,6 +32,7 @@ KEY_PLATFORM = "plat"
 KEY_CHIP = "chip"
 KEY_CLUSTER = "cl"
 KEY_MODEL = "model"
+KEY_ADDRESS = "addr"  # the primary address among the A records
 
 # Descriptive fields and the most bytes each keeps; longer values are cut (on a UTF-8 boundary).
 TRUNCATED_FIELDS: Mapping[str, int] = {
@@ -74,22 +76,34 @@ def encode_txt(info: PeerInfo) -> dict[str, str]:
         KEY_CHIP: truncate_utf8(info.chip, TRUNCATED_FIELDS[KEY_CHIP]),
         KEY_CLUSTER: info.cluster_id,
         KEY_MODEL: info.model,
+        KEY_ADDRESS: info.address,
     }
 
 
 def decode_txt(
-    properties: Mapping[bytes, bytes | None], addresses: Sequence[str], port: int, instance: str
+    properties: Mapping[bytes, bytes | None],
+    addresses: Sequence[str],
+    port: int | None,
+    instance: str,
+    local: Sequence[Interface] = (),
 ) -> PeerInfo | None:
     """The `PeerInfo` in a resolved record, or None if the record is not a dnet node's of this
-    TXT version or is malformed. Never raises: everything here comes off the network."""
+    TXT version or is malformed. Never raises: everything here comes off the network.
+
+    `addresses` are the record's A records; its `address` is the one this node can reach,
+    given its own interfaces `local` (see `discovery.addresses.reachable_address`)."""
     try:
-        return _decode(properties, addresses, port, instance)
+        return _decode(properties, addresses, port, instance, local)
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
         return None
 
 
 def _decode(
-    properties: Mapping[bytes, bytes | None], addresses: Sequence[str], port: int, instance: str
+    properties: Mapping[bytes, bytes | None],
+    addresses: Sequence[str],
+    port: int | None,
+    instance: str,
+    local: Sequence[Interface],
 ) -> PeerInfo | None:
     # DNS-SD keys are case-insensitive; a key without "=" has the value None.
     fields = {
@@ -101,7 +115,7 @@ def _decode(
         return None
     node_id = fields.get(KEY_NODE_ID, "")
     cluster = fields.get(KEY_CLUSTER, "")
-    address = first_ipv4(addresses)
+    address = reachable_address(addresses, fields.get(KEY_ADDRESS), local)
     http_port = _decimal(fields.get(KEY_HTTP_PORT, ""))
     memory = _decimal(fields.get(KEY_MEMORY, ""))
     started_at = float(fields.get(KEY_STARTED_AT, "nan"))
@@ -133,18 +147,6 @@ def _decode(
         model=fields.get(KEY_MODEL, ""),
         instance=instance,
     )
-
-
-def first_ipv4(addresses: Sequence[str]) -> str | None:
-    """The first usable IPv4 address in the list (0.0.0.0 and broadcast cannot be dialled)."""
-    for text in addresses:
-        try:
-            address = ipaddress.IPv4Address(text)
-        except (ValueError, TypeError):
-            continue
-        if not (address.is_unspecified or address == ipaddress.IPv4Address("255.255.255.255")):
-            return str(address)
-    return None
 
 
 def _decimal(text: str) -> int | None:

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from planner.tensors import tensors_for, tied_embeddings
+
 log = logging.getLogger(__name__)
 
 # Everything but the weights: configs, tokenizer, chat templates, custom code.
@@ -30,8 +32,11 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise ModelNotFoundError(f"{model_dir} has no config.json")
-    config = json.loads(path.read_text())
-    # Vision-language checkpoints keep the language model's settings under text_config.
+    return with_text_settings(json.loads(path.read_text()))
+
+
+def with_text_settings(config: dict) -> dict:
+    """Multimodal checkpoints keep the language model's settings under `text_config`."""
     return {**config.get("text_config", {}), **config}
 
 
@@ -39,24 +44,9 @@ def num_layers(config: dict) -> int:
     return int(config["num_hidden_layers"])
 
 
-def tensor_names_for(
-    layers: Iterable[int], total_layers: int, tied_embeddings: bool
-) -> list[str]:
-    """Name prefixes of the tensors a shard holding `layers` needs."""
-    held = set(layers)
-    prefixes = [f"model.layers.{i}." for i in sorted(held)]
-    if 0 in held:
-        prefixes.append("model.embed_tokens.")
-    if total_layers - 1 in held:
-        prefixes += ["model.norm.", "lm_head."]
-        if tied_embeddings:
-            prefixes.append("model.embed_tokens.")
-    return prefixes
-
-
-def weight_files_for(weight_map: dict[str, str], prefixes: list[str]) -> list[str]:
-    """The weight files that hold any tensor under the given prefixes."""
-    return sorted({file for name, file in weight_map.items() if name.startswith(tuple(prefixes))})
+def weight_files_for(weight_map: dict[str, str], names: Iterable[str]) -> list[str]:
+    """The weight files that hold any of the given tensors."""
+    return sorted({weight_map[name] for name in names})
 
 
 def _is_local(model: str) -> bool:
@@ -83,10 +73,9 @@ def resolve_for_layers(model: str, layers: Iterable[int]) -> Path:
         # A single-file checkpoint: the one file holds every layer.
         return _download(model, METADATA_PATTERNS + ["*.safetensors"])
     weight_map = json.loads(index_path.read_text())["weight_map"]
-    prefixes = tensor_names_for(
-        layers, num_layers(config), bool(config.get("tie_word_embeddings", False))
-    )
-    files = weight_files_for(weight_map, prefixes)
+    tied = tied_embeddings(config, weight_map)
+    files = weight_files_for(weight_map, tensors_for(weight_map, layers, num_layers(config),
+                                                     tied))
     log.info("fetching %d of %d weight files for layers %s", len(files),
              len(set(weight_map.values())), format_layers(layers))
     return _download(model, METADATA_PATTERNS + files)

@@ -17,6 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from dnet.model_facts import profile_from_tensors, profile_model
+from dnet.structure import UnsupportedModelError
 from planner import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_RESERVE_BYTES,
@@ -26,8 +28,6 @@ from planner import (
     PlanOptions,
     load_devices_json,
     plan_layers,
-    profile_from_tensors,
-    profile_model,
     to_json,
 )
 from planner.explain import human_bytes, layer_ranges
@@ -38,14 +38,16 @@ EXIT_BAD_INPUT = 2
 
 
 class ModelResolutionError(Exception):
-    """The --model argument is neither a model directory nor a reachable Hugging Face repo."""
+    """The --model argument is neither a model directory nor a reachable Hugging Face repo,
+    or it is a model dnet cannot run."""
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="local model directory, or a Hugging Face repo id (reads config and headers only)",
+        help="local model directory (a config.json alone will do), or a Hugging Face repo id "
+             "(reads config and headers only)",
     )
     parser.add_argument("--devices", required=True, type=Path, help="JSON list of device profiles")
     parser.add_argument(
@@ -105,11 +107,14 @@ def _profile_from_hub(repo_id: str) -> ModelProfile:
 def resolve_model_profile(path_or_id: str) -> ModelProfile:
     """A local directory is profiled from its files; anything else is taken as a repo id."""
     path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return profile_model(path)
-    if path.exists():
-        raise ModelResolutionError(f"{path_or_id} is a file; --model needs a model directory")
-    return _profile_from_hub(path_or_id)
+    try:
+        if path.is_dir():
+            return profile_model(path)
+        if path.exists():
+            raise ModelResolutionError(f"{path_or_id} is a file; --model needs a model directory")
+        return _profile_from_hub(path_or_id)
+    except UnsupportedModelError as exc:
+        raise ModelResolutionError(str(exc)) from exc
 
 
 def render_plan(plan: Plan, console: Console) -> None:

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dnet.model_files import format_layers
-from dnet.node.profiling import format_bytes
+from dnet.node.sizes import format_bytes
 
 BROWSE_S = 3.0
 
@@ -24,16 +24,23 @@ class MeshNotFound(RuntimeError):
 
 
 def find_api(api: str | None, host: str | None) -> str:
-    """The base URL of a node: the one given, or the first a short mDNS browse turns up."""
+    """The base URL of a node: the one given, or the most senior node a short mDNS browse
+    turns up (of this process's cluster, when a cluster key is set)."""
     if api:
         return api if api.startswith("http") else f"http://{api}"
+    from discovery.identity import cluster_id
     from discovery.mdns import browse_once
+    from dnet.ring import auth
 
     found = browse_once(host, BROWSE_S)
+    if auth.enabled():
+        found = [info for info in found if info.cluster_id == cluster_id(auth.key())]
     if not found:
         where = f" on {host}" if host else ""
-        raise MeshNotFound(f"no dnet node answered over mDNS{where} within {BROWSE_S:.0f} s; "
-                           "is `dnet join` running? (or pass --api HOST:PORT)")
+        mine = " of this cluster key" if auth.enabled() else ""
+        raise MeshNotFound(f"no dnet node{mine} answered over mDNS{where} within "
+                           f"{BROWSE_S:.0f} s; is `dnet join` running? (or pass --api "
+                           "HOST:PORT)")
     return sorted(found, key=lambda info: info.started_at)[0].http_url
 
 
@@ -65,18 +72,34 @@ def render(topology: dict[str, Any]) -> Group:
         table.add_row(position, f"{node['name']} ({node['id']}){marker}",
                       f"{node['address']}:{node['http_port']}",
                       format_layers(node["layers"]) or "entry only", window, memory,
-                      f"{rate:.1f}" if rate else "-",
-                      Text("ok", "green") if node["healthy"] else Text("down", "red"))
-    lines = [table]
+                      f"{rate:.1f}" if rate else "-", _health(node))
+    lines: list[Table | Text] = [table]
     predicted, measured = topology.get("predicted_ms_per_token"), topology.get(
         "measured_ms_per_token")
     if predicted or measured:
         lines.append(Text(
             f"predicted {_rate(predicted)} tok/s, measured {_rate(measured)} tok/s"))
-    if topology.get("last_error"):
-        lines.append(Text(f"coordinator: {topology['last_error']}", "red"))
+    for node in ordered:
+        excluded = node.get("excluded")
+        if excluded:
+            lines.append(Text(
+                f"{node['name']} is left out of planning: {excluded['failure']}: "
+                f"{excluded['reason']} (failed {excluded['failures']} time(s); next try in "
+                f"{excluded['retry_in_s']:.0f} s, or when it changes)", "yellow"))
+    if topology.get("unavailable"):
+        lines.append(Text(f"no ring can serve: {topology['unavailable']}", "red"))
+    for other in topology.get("other_clusters", []):
+        lines.append(Text(f"another dnet cluster (a different --cluster-key) is on the "
+                          f"network: {other['seen']}; its nodes are ignored", "yellow"))
     return Group(*lines)
 
+
+def _health(node: dict[str, Any]) -> Text:
+    if not node["healthy"]:
+        return Text("down", "red")
+    if node.get("excluded"):
+        return Text(f"excluded ({node['excluded']['failure']})", "yellow")
+    return Text("ok", "green")
 
 
 

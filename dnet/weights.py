@@ -9,7 +9,8 @@ w = 1, a single slot: the next layer loads while the activation is elsewhere in 
 Bound: at most w layers' weights are in memory at any moment, counting a layer being loaded;
 a layer leaves only after the computation that used it is evaluated. Per token a streaming
 shard reads h - w + 2 layers from disk (all h when w <= 2); the planner's cost model uses the
-same count. KV caches are not touched: only weights stream.
+same count. Caches (KV, sliding window, linear-attention state) are not touched: only
+weights stream.
 
 An evicted layer holds lazy arrays straight from `mx.load`, which cost no memory. A layer that
 is needed before its load lands is waited for; one never scheduled would load on the spot

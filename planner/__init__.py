@@ -14,11 +14,10 @@ from planner.devices import (
     load_devices_json,
 )
 from planner.model_profile import (
+    LayerCache,
     ModelProfile,
-    profile_from_config,
-    profile_from_tensors,
-    profile_model,
     read_safetensors_header,
+    stored_bytes,
     uniform_profile,
 )
 from planner.plan import (
@@ -39,6 +38,7 @@ __all__ = [
     "DevicePlan",
     "DeviceProfile",
     "InfeasiblePlanError",
+    "LayerCache",
     "ModelProfile",
     "Plan",
     "PlanOptions",
@@ -50,10 +50,8 @@ __all__ = [
     "plan_from_dict",
     "plan_layers",
     "plan_to_dict",
-    "profile_from_config",
-    "profile_from_tensors",
-    "profile_model",
     "read_safetensors_header",
+    "stored_bytes",
     "to_json",
     "uniform_profile",
 ]

@@ -4,7 +4,7 @@ For each device i holding h_i layers with window w_i (layers resident at once):
     compute_i = h_i * F_layer / flops_i  (+ F_head / flops_i on the device holding the head)
     disk_i    = streamed(h_i, w_i) * B_layer / disk_read_bytes_per_s_i
     network_i = sum over hops that i sends of latency(i -> receiver)
-    memory_i  = reserve + w_i * B_layer + h_i * context * KV_layer + embedding/head bytes held
+    memory_i  = reserve + w_i * B_layer + h_i * C_layer(context) + embedding/head bytes held
               <= memory_budget_bytes_i
 where streamed(h, w) = 0 if w >= h, else h - max(w - 2, 0): the engine (dnet/weights.py)
 pins w - 2 layers and streams the rest through two slots, the one computing and the one being
@@ -38,7 +38,7 @@ def head_time_s(model: ModelProfile, device: DeviceProfile) -> float:
 
 def kv_cache_bytes(model: ModelProfile, options: PlanOptions, layers_held: int) -> int:
     # KV stays resident for every held layer; only weights stream.
-    return layers_held * options.context_tokens * model.kv_bytes_per_token_per_layer
+    return layers_held * model.cache_bytes_per_layer(options.context_tokens)
 
 
 def role_bytes(model: ModelProfile, holds_embedding: bool, holds_head: bool) -> int:
@@ -102,7 +102,7 @@ def largest_window(
 STREAMING_SLOTS = 2  # layers in flight when streaming: the one computing, the one loading
 
 
-def streamed_layers(layers_held, window):
+def streamed_layers(layers_held: int | np.ndarray, window: int | np.ndarray) -> np.ndarray:
     """Layers a device reloads from disk per token; works on ints and NumPy arrays alike."""
     pinned = np.maximum(window - STREAMING_SLOTS, 0)
     return np.where(window >= layers_held, 0, layers_held - pinned)

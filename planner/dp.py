@@ -32,7 +32,7 @@ def lexicographically_better(
     with np.errstate(invalid="ignore"):
         clearly = cost < best_cost - tie_tolerance(best_cost)
         tied = (np.abs(cost - best_cost) <= tie_tolerance(best_cost)) & (balance < best_balance)
-    return finite & (clearly | tied | ~np.isfinite(best_cost))
+    return np.asarray(finite & (clearly | tied | ~np.isfinite(best_cost)))
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def solve_layered(
             picked_layers.append(np.zeros((num_states, size), dtype=np.int64))
             continue
         if stage.may_skip:
-            for state in np.flatnonzero(reachable):
+            for state in np.flatnonzero(reachable).tolist():
                 row_cost.append(cost[state])
                 row_balance.append(balance[state])
                 row_transition.append(-1)

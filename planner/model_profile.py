@@ -1,21 +1,25 @@
-"""What the planner needs to know about a model, read from `config.json` and safetensors headers.
+"""What the planner needs to know about a model: plain data, and the safetensors headers.
 
-`profile_model` never reads tensor data: a safetensors file starts with a little-endian u64
-header length followed by a JSON header giving each tensor's dtype, shape and byte range, and
-that is all it opens. FLOPs and KV-cache sizes come from config arithmetic (`architectures`).
+A `ModelProfile` gives each layer's bytes, its FLOPs per token (from the parameters a token
+actually multiplies through: a mixture-of-experts layer counts only its routed top-k experts)
+and its cache (`LayerCache`: keys and values growing per token, up to a sliding window, or a
+fixed-size linear-attention state). The planner itself never loads a model: dnet builds
+profiles (dnet/model_facts.py) from mlx-lm's own model classes and from the safetensors
+headers read here. Reading a header never reads tensor data: a safetensors file starts with a
+little-endian u64 header length followed by a JSON header giving each tensor's dtype, shape
+and byte range, and that is all `read_safetensors_header` opens.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from planner import architectures
+from planner.tensors import TensorRole, tensor_role
 
 SAFETENSORS_DTYPE_BYTES: dict[str, int] = {
     "F64": 8,
@@ -39,7 +43,6 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 # A malformed file could claim an absurd header length; real headers are far below this.
 MAX_HEADER_BYTES = 512 * 1024 * 1024
 
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,24 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """What one layer's cache holds for one request, in bytes.
+
+    Keys and values add `bytes_per_token` per token, up to `max_tokens` tokens (a sliding
+    window) or without limit (None); a linear-attention layer keeps `fixed_bytes` of state
+    whatever the length. Sizes are those of mlx-lm's own cache objects (dnet/model_facts.py).
+    """
+
+    bytes_per_token: int = 0
+    max_tokens: int | None = None
+    fixed_bytes: int = 0
+
+    def bytes_for(self, tokens: int) -> int:
+        held = tokens if self.max_tokens is None else min(tokens, self.max_tokens)
+        return held * self.bytes_per_token + self.fixed_bytes
 
 
 @dataclass(frozen=True)
@@ -67,7 +88,7 @@ class ModelProfile:
     embedding_bytes: int
     head_bytes: int
     head_flops_per_token: float
-    kv_bytes_per_token_per_layer: int
+    layer_caches: tuple[LayerCache, ...]
     tied_embeddings: bool
     activation_dtype_bytes: int
 
@@ -78,6 +99,8 @@ class ModelProfile:
             raise ValueError("layer_bytes must list every layer")
         if len(self.layer_flops_per_token) != self.num_layers:
             raise ValueError("layer_flops_per_token must list every layer")
+        if len(self.layer_caches) != self.num_layers:
+            raise ValueError("layer_caches must list every layer")
 
     @property
     def bytes_per_layer(self) -> int:
@@ -88,6 +111,10 @@ class ModelProfile:
     def flops_per_token_per_layer(self) -> float:
         return max(self.layer_flops_per_token)
 
+    def cache_bytes_per_layer(self, context_tokens: int) -> int:
+        """The largest layer cache at `context_tokens`, so a promise holds for any layers."""
+        return max(cache.bytes_for(context_tokens) for cache in self.layer_caches)
+
     @property
     def total_bytes(self) -> int:
         return sum(self.layer_bytes) + self.embedding_bytes + self.head_bytes
@@ -96,6 +123,7 @@ class ModelProfile:
         data = asdict(self)
         data["layer_bytes"] = list(self.layer_bytes)
         data["layer_flops_per_token"] = list(self.layer_flops_per_token)
+        data["layer_caches"] = [asdict(cache) for cache in self.layer_caches]
         return data
 
     @classmethod
@@ -109,7 +137,7 @@ class ModelProfile:
             embedding_bytes=int(data["embedding_bytes"]),
             head_bytes=int(data["head_bytes"]),
             head_flops_per_token=float(data["head_flops_per_token"]),
-            kv_bytes_per_token_per_layer=int(data["kv_bytes_per_token_per_layer"]),
+            layer_caches=tuple(LayerCache(**cache) for cache in data["layer_caches"]),
             tied_embeddings=bool(data["tied_embeddings"]),
             activation_dtype_bytes=int(data["activation_dtype_bytes"]),
         )
@@ -137,91 +165,53 @@ def uniform_profile(
         embedding_bytes=embedding_bytes,
         head_bytes=head_bytes,
         head_flops_per_token=head_flops_per_token,
-        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer,
+        layer_caches=(LayerCache(bytes_per_token=kv_bytes_per_token_per_layer),) * num_layers,
         tied_embeddings=tied_embeddings,
         activation_dtype_bytes=2,
     )
 
 
-def _flops_and_kv(config: Mapping[str, Any]) -> tuple[tuple[float, ...], float, int]:
-    flops = tuple(2.0 * layer.active for layer in architectures.layer_params(config))
-    return (
-        flops,
-        architectures.head_flops_per_token(config),
-        (architectures.kv_elements_per_token_per_layer(config)),
-    )
-
-
-def profile_from_config(
-    config: Mapping[str, Any], dtype_bytes: int, name: str | None = None
-) -> ModelProfile:
-    """A profile by arithmetic alone, for an unquantized model stored at `dtype_bytes` a value."""
-    flops, head_flops, kv_elements = _flops_and_kv(config)
-    return ModelProfile(
-        name=name or str(config.get("_name_or_path", config.get("model_type", "model"))),
-        model_type=architectures.architecture(config),
-        num_layers=len(flops),
-        layer_bytes=tuple(p.stored * dtype_bytes for p in architectures.layer_params(config)),
-        layer_flops_per_token=flops,
-        embedding_bytes=architectures.embedding_params(config) * dtype_bytes,
-        head_bytes=architectures.head_params(config) * dtype_bytes,
-        head_flops_per_token=head_flops,
-        kv_bytes_per_token_per_layer=kv_elements * dtype_bytes,
-        tied_embeddings=architectures.tied_embeddings(config),
-        activation_dtype_bytes=dtype_bytes,
-    )
-
-
-def _activation_dtype_bytes(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> int:
-    # Quantized weights are packed integers; norms keep the dtype activations run in.
-    norm = tensors.get("model.norm.weight")
-    if norm is not None and norm.dtype in FLOAT_DTYPES:
-        return SAFETENSORS_DTYPE_BYTES[norm.dtype]
+def activation_dtype_bytes(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> int:
+    """Bytes per activation value: quantized weights are packed integers, norms keep the dtype."""
+    for name, info in tensors.items():
+        if name.endswith("norm.weight") and info.dtype in FLOAT_DTYPES:
+            return SAFETENSORS_DTYPE_BYTES[info.dtype]
     for info in tensors.values():
         if info.dtype in FLOAT_DTYPES:
             return SAFETENSORS_DTYPE_BYTES[info.dtype]
     return TORCH_DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2)
 
 
-def profile_from_tensors(
-    config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], name: str
-) -> ModelProfile:
-    """A profile whose byte sizes come from safetensors header entries (name -> TensorInfo)."""
-    flops, head_flops, kv_elements = _flops_and_kv(config)
-    num_layers = len(flops)
+@dataclass(frozen=True)
+class StoredBytes:
+    """Bytes of a checkpoint's tensors by where they run: each layer, before and after them."""
+
+    layer_bytes: tuple[int, ...]
+    embedding_bytes: int  # what runs before layer 0 (embeddings), on the ring's first device
+    head_bytes: int  # final norm and lm_head (no matrix when tied), on the tail
+    tied_embeddings: bool  # no lm_head tensor: the head reuses the embedding matrix
+
+
+def stored_bytes(tensors: Mapping[str, TensorInfo], num_layers: int, tied: bool) -> StoredBytes:
+    """Sum the header entries per layer (`planner/tensors.py` names them); skip unused ones.
+
+    `tied` (planner.tensors.tied_embeddings): the head reuses the embedding, and an lm_head
+    tensor stored anyway is dropped at load, as mlx-lm does.
+    """
     layer_bytes = [0] * num_layers
-    embedding_bytes = 0
-    head_bytes = 0
+    embedding_bytes = head_bytes = 0
     for tensor_name, info in tensors.items():
-        match = _LAYER_NAME.match(tensor_name)
-        if match:
-            index = int(match.group(1))
-            if index >= num_layers:
-                raise ValueError(f"{tensor_name} is past num_hidden_layers={num_layers}")
-            layer_bytes[index] += info.nbytes
-        elif tensor_name.startswith(("lm_head.", "model.norm.")):
+        role, layer = tensor_role(tensor_name, num_layers)
+        if role is TensorRole.LAYER and layer is not None:
+            layer_bytes[layer] += info.nbytes
+        elif role is TensorRole.LAST and not (tied and "lm_head" in tensor_name):
             head_bytes += info.nbytes
-        else:
-            # The embedding and any stray non-layer tensor load with the ring's first device.
+        elif role is TensorRole.FIRST:
             embedding_bytes += info.nbytes
     missing = [index for index, size in enumerate(layer_bytes) if size == 0]
     if missing:
         raise ValueError(f"the safetensors headers hold no tensors for layers {missing}")
-    tied = not any(tensor_name.startswith("lm_head.") for tensor_name in tensors)
-    activation_bytes = _activation_dtype_bytes(config, tensors)
-    return ModelProfile(
-        name=name,
-        model_type=architectures.architecture(config),
-        num_layers=num_layers,
-        layer_bytes=tuple(layer_bytes),
-        layer_flops_per_token=flops,
-        embedding_bytes=embedding_bytes,
-        head_bytes=head_bytes,
-        head_flops_per_token=head_flops,
-        kv_bytes_per_token_per_layer=kv_elements * activation_bytes,
-        tied_embeddings=tied,
-        activation_dtype_bytes=activation_bytes,
-    )
+    return StoredBytes(tuple(layer_bytes), embedding_bytes, head_bytes, tied)
 
 
 def parse_header(header: Mapping[str, Any]) -> dict[str, TensorInfo]:
@@ -271,14 +261,3 @@ def merge_headers(headers: Iterable[Mapping[str, TensorInfo]]) -> dict[str, Tens
     for header in headers:
         merged.update(header)
     return merged
-
-
-def profile_model(path: str | Path) -> ModelProfile:
-    """Profiles a local model directory from `config.json` and its safetensors headers."""
-    model_dir = Path(path)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json")
-    config = json.loads(config_path.read_text())
-    tensors = merge_headers(read_safetensors_header(file) for file in weight_files(model_dir))
-    return profile_from_tensors(config, tensors, name=model_dir.name)

@@ -105,7 +105,8 @@ def _search(searcher: Searcher, exact_orders: bool, every_round_count: bool) -> 
 
     def beaten(bound_s: float) -> bool:
         # Pruning by a lower bound is exact: nothing at or above it can improve on `best`.
-        return best is not None and bound_s > best.objective_s + dp.tie_tolerance(best.objective_s)
+        return best is not None and bool(
+            bound_s > best.objective_s + dp.tie_tolerance(best.objective_s))
 
     orders: list[tuple[int, ...]] = []
     if exact_orders:

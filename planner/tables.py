@@ -70,7 +70,7 @@ def option_tables(
     run, reachable = run_lengths(num_layers, rounds, last_round)
     fixed = (
         options.reserve_bytes
-        + held * (options.context_tokens * model.kv_bytes_per_token_per_layer)
+        + held * model.cache_bytes_per_layer(options.context_tokens)
         + cost.role_bytes(model, holds_embedding, holds_head)
     )
     free = device.memory_budget_bytes - fixed

@@ -1,4 +1,5 @@
-"""Shared fixtures: generated models, real rings of processes on loopback, mlx-lm references."""
+"""Shared fixtures: generated models, rings in this process or of real processes on loopback,
+mlx-lm references."""
 
 from __future__ import annotations
 
@@ -10,13 +11,36 @@ from pathlib import Path
 import pytest
 
 from dnet.local_ring import LocalRing
-from dnet.modelgen import ModelSpec, cached_model
+from dnet.modelgen import ARCHITECTURES, ModelSpec, cached_model
+
+# Fixtures of the API tests: Qwen3's real tokenizer and a model of its vocabulary.
+pytest_plugins = ("tests.api_support",)
 
 QWEN3_BF16 = ModelSpec(arch="qwen3", dtype="bfloat16")
 QWEN3_Q4 = ModelSpec(arch="qwen3", dtype="bfloat16", quant_bits=4)
 DEEPSEEK_F32 = ModelSpec(arch="deepseek_v2", dtype="float32")
 LLAMA_F16 = ModelSpec(arch="llama", dtype="float16")
 QWEN2_Q8 = ModelSpec(arch="qwen2", dtype="bfloat16", quant_bits=8)
+
+# Types whose layers hold routed experts: on MLX's CPU backend their unquantized experts need
+# float32 (gather_mm); quantized experts (gather_qmm) run in bfloat16.
+MOE_TYPES = frozenset({"deepseek_v2", "qwen3_moe", "deepseek_v3", "kimi_k25", "gpt_oss",
+                       "glm4_moe", "qwen3_5_moe", "qwen3_next", "gemma4_text", "mixtral",
+                       "minimax"})
+# Every supported type in a float precision the CPU runs (float16 for Llama, float32 for
+# experts, bfloat16 otherwise) ...
+FLOAT_SPECS = {arch: ModelSpec(arch=arch, dtype="float32" if arch in MOE_TYPES else
+                               "float16" if arch == "llama" else "bfloat16")
+               for arch in ARCHITECTURES}
+# ... and quantized: 4-bit, 8-bit, or mlx-lm convert's mixed per-layer recipes, in bfloat16.
+_QUANT = {"qwen3": "mixed_3_6", "deepseek_v3": "mixed_4_6", "qwen3_next": "mixed_4_6",
+          "qwen2": 8, "mistral": 4, "llama": 8, "deepseek_v2": 8, "qwen3_moe": 4,
+          "kimi_k25": 4, "gpt_oss": 4, "glm4_moe": 8, "qwen3_5": 8, "qwen3_5_moe": 4,
+          "gemma3_text": 4, "gemma4_text": 8, "mixtral": 8, "minimax": 4}
+QUANT_SPECS = {arch: ModelSpec(arch=arch, dtype="bfloat16",
+                               quant_bits=q if isinstance(q, int) else None,
+                               quant_recipe=q if isinstance(q, str) else None)
+               for arch, q in _QUANT.items()}
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +93,29 @@ def start_ring(tmp_path: Path) -> Iterator:
                          **kwargs)
         rings.append(ring)
         return ring.start(timeout_s=90)
+
+    yield start
+    for ring in rings:
+        ring.stop()
+
+
+@pytest.fixture
+def inprocess_ring(qwen3_model: Path) -> Iterator:
+    """Start an InProcessRing (tests/inprocess.py) on the generated Qwen3, optionally serving
+    HTTP (`http=True`, `max_context`, `api_key`); every ring is stopped afterwards."""
+    from tests.inprocess import InProcessRing
+
+    rings: list[InProcessRing] = []
+
+    def start(layer_lists: list[list[int]], *, model: Path | None = None, http: bool = False,
+              max_context: int | None = None, api_key: str | None = None,
+              **options) -> InProcessRing:
+        ring = InProcessRing(model or qwen3_model, layer_lists, **options)
+        rings.append(ring)
+        ring.start()
+        if http:
+            ring.serve_http(max_context=max_context, api_key=api_key)
+        return ring
 
     yield start
     for ring in rings:

@@ -5,6 +5,7 @@ Every process is stopped by its pid; `LocalMesh.stop()` runs from the fixtures' 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -53,13 +54,17 @@ class LocalMesh:
 
     def add(self, name: str, *, budget: str, host: str = "127.0.0.1", propose: bool = True,
             prefix: list[str] | None = None, extra: list[str] | None = None,
-            state_dir: Path | None = None, grpc_port: int | None = None) -> MeshNode:
-        """Start one node; `prefix` runs it in a namespace (`ip netns exec NAME`)."""
-        http_port = free_port(host) if prefix is None else 8080
+            state_dir: Path | None = None, grpc_port: int | None = None,
+            http_port: int | None = None, pin_host: bool = True) -> MeshNode:
+        """Start one node; `prefix` runs it in a namespace (`ip netns exec NAME`), where the
+        ports default to dnet's own. Without `pin_host` the node picks its address itself
+        (`host` is then only where the test reaches it)."""
+        http_port = http_port or (free_port(host) if prefix is None else 8080)
         grpc_port = grpc_port or (free_port(host) if prefix is None else 50501)
         state_dir = state_dir or self.root / name
         log = self.root / f"{name}.log"
-        command = [*(prefix or []), sys.executable, "-m", "dnet.cli", "join", "--host", host,
+        command = [*(prefix or []), sys.executable, "-m", "dnet.cli", "join",
+                   *(["--host", host] if pin_host else []),
                    "--http-port", str(http_port), "--grpc-port", str(grpc_port),
                    "--memory-budget", budget, "--name", name, "--state-dir", str(state_dir),
                    "--cluster-key", self.cluster_key,
@@ -134,6 +139,36 @@ def ring_covers(num_layers: int, size: int | None = None,
                 and (size is None or len(view["ring"]) == size))
 
     return check
+
+
+def hiding(path: Path) -> list[str]:
+    """A command prefix that runs the command where `path` is an empty directory: a private
+    mount namespace with a tmpfs over it, as on a machine that lacks those files. `unshare`
+    and `sh` exec the command, so a Popen pid is the command's."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs tmpfs "$0" && exec "$@"', str(path)]
+
+
+def stream_completion(node: MeshNode, body: dict[str, Any], outcome: dict[str, Any]) -> None:
+    """POST a streaming /v1/completions; fills `outcome` with "status", "tokens" (ids),
+    "finish", "error" (the message of an error chunk) as they arrive, and "broken" when the
+    connection breaks off."""
+    outcome.setdefault("tokens", [])
+    try:
+        with httpx.stream("POST", f"{node.url}/v1/completions", timeout=120, json={
+                **body, "stream": True, "return_token_ids": True}) as response:
+            outcome["status"] = response.status_code
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    outcome["error"] = chunk["error"]["message"]
+                for choice in chunk.get("choices", []):
+                    outcome["tokens"].extend(choice["token_ids"])
+                    outcome["finish"] = choice["finish_reason"] or outcome.get("finish")
+    except httpx.HTTPError as exc:
+        outcome["broken"] = str(exc)
 
 
 def chat_token_ids(node: MeshNode, content: str, max_tokens: int) -> list[int]:

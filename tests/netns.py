@@ -42,7 +42,10 @@ NETNS_DIR = Path("/var/run/netns")  # where `ip netns add` bind-mounts a namespa
 CLONE_NEWNET = 0x40000000
 BRIDGE = "br0"
 VETH = "dnet0"
+UPLINK = "dnet1"
 MULTICAST = "224.0.0.0/4"
+# Each host's own uplink network (see NetnsLan.add_uplinks), one /24 per host.
+UPLINK_POOL = ipaddress.ip_network("172.31.0.0/16")
 # A /24 out of 10.213.0.0/16, picked at random among those the machine does not use.
 SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")
 CLIENT_INDEX = 100  # the client namespace's host number in the /24
@@ -197,6 +200,23 @@ class NetnsLan:
         # No default route in here: give multicast (mDNS to 224.0.0.251) an explicit way out.
         ip("route", "add", MULTICAST, "dev", VETH, ns=namespace)
         return Host(namespace, address)
+
+    def add_uplinks(self) -> list[str]:
+        """Give every host a second interface, `dnet1`, that carries its default route: as a
+        machine whose internet uplink (Wi-Fi, say) is not the network its peers are on. Each
+        uplink is one end of a veth pair whose other end stays in the same namespace, on a /24
+        of its own, so no peer can reach it. Returns the uplink addresses, in host order."""
+        addresses = []
+        for index, host in enumerate(self.hosts, start=1):
+            address = str(UPLINK_POOL.network_address + (index << 8) + 2)
+            ip("link", "add", UPLINK, "type", "veth", "peer", "name", f"{UPLINK}p",
+               ns=host.namespace)
+            ip("addr", "add", f"{address}/24", "dev", UPLINK, ns=host.namespace)
+            ip("link", "set", f"{UPLINK}p", "up", ns=host.namespace)
+            ip("link", "set", UPLINK, "up", ns=host.namespace)
+            ip("route", "add", "default", "dev", UPLINK, ns=host.namespace)
+            addresses.append(address)
+        return addresses
 
     def close(self) -> None:
         """Stop anything still running in the namespaces, then delete them (newest first).

@@ -1,5 +1,9 @@
 """What an OpenAI client sees from a working ring: answers, streams, stops, log-probabilities,
-and KV caches that are freed however a request ends."""
+and KV caches that are freed however a request ends.
+
+The ring runs in this process (`tests/inprocess.py`): two shards and the entry on loopback
+gRPC, the HTTP API on a loopback port.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from dnet.local_ring import LocalRing, shard_health
+from dnet.local_ring import shard_health
 from tests.conftest import chat_prompt_ids, reference_tokenizer, wait_until
+from tests.inprocess import InProcessRing
 
 LAYERS = [[0, 1, 2, 3], [4, 5, 6, 7]]
 CHAT = "/v1/chat/completions"
@@ -25,13 +30,10 @@ LONG_GENERATION = 4000  # tokens: far longer than any wait below
 
 
 @pytest.fixture(scope="module")
-def ring(qwen3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRing]:
-    ring = LocalRing(str(qwen3_model), LAYERS, log_dir=tmp_path_factory.mktemp("behaviour-ring"))
-    try:
-        ring.start(timeout_s=90)
+def ring(qwen3_model: Path) -> Iterator[InProcessRing]:
+    with InProcessRing(qwen3_model, LAYERS, grpc=True) as ring:
+        ring.serve_http()
         yield ring
-    finally:
-        ring.stop()
 
 
 def chat_body(content: str = STORY, **extra: Any) -> dict[str, Any]:
@@ -39,13 +41,13 @@ def chat_body(content: str = STORY, **extra: Any) -> dict[str, Any]:
             "temperature": 0, **extra}
 
 
-def post(ring: LocalRing, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def post(ring: InProcessRing, path: str, body: dict[str, Any]) -> dict[str, Any]:
     response = httpx.post(ring.url + path, json=body, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def stream(ring: LocalRing, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+def stream(ring: InProcessRing, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """The chunks of an SSE answer; checks the framing and the final `data: [DONE]`."""
     with httpx.stream("POST", ring.url + path, json={**body, "stream": True},
                       timeout=TIMEOUT) as response:
@@ -79,16 +81,16 @@ def active(address: str) -> int:
     return -1 if reply is None else reply.active_requests
 
 
-def entry_address(ring: LocalRing) -> str:
+def entry_address(ring: InProcessRing) -> str:
     return httpx.get(ring.url + "/health", timeout=TIMEOUT).json()["token_sink"]
 
 
-def nodes(ring: LocalRing) -> list[str]:
+def nodes(ring: InProcessRing) -> list[str]:
     """Every shard, and the API's token sink (its gRPC side)."""
     return [*ring.shard_addresses, entry_address(ring)]
 
 
-def wait_all_caches_freed(ring: LocalRing, timeout_s: float = 15.0) -> None:
+def wait_all_caches_freed(ring: InProcessRing, timeout_s: float = 15.0) -> None:
     for address in nodes(ring):
         wait_until(lambda a=address: active(a) == 0, timeout_s,
                    f"{address} holds no request")
@@ -97,13 +99,13 @@ def wait_all_caches_freed(ring: LocalRing, timeout_s: float = 15.0) -> None:
 # ----- basics ------------------------------------------------------------------------------
 
 
-def test_health_answers_with_role_api(ring: LocalRing) -> None:
+def test_health_answers_with_role_api(ring: InProcessRing) -> None:
     response = httpx.get(ring.url + "/health", timeout=TIMEOUT)
     assert response.status_code == 200
     assert response.json()["role"] == "api"
 
 
-def test_models_lists_the_model(ring: LocalRing) -> None:
+def test_models_lists_the_model(ring: InProcessRing) -> None:
     response = httpx.get(ring.url + "/v1/models", timeout=TIMEOUT)
     assert response.status_code == 200
     listing = response.json()
@@ -113,7 +115,7 @@ def test_models_lists_the_model(ring: LocalRing) -> None:
 
 
 @pytest.mark.parametrize("model", ["default_model", None, "the-path", "the-listed-id"])
-def test_model_names_that_are_accepted(ring: LocalRing, model: str | None) -> None:
+def test_model_names_that_are_accepted(ring: InProcessRing, model: str | None) -> None:
     body = chat_body(max_tokens=3)
     if model is None:
         del body["model"]
@@ -126,7 +128,8 @@ def test_model_names_that_are_accepted(ring: LocalRing, model: str | None) -> No
     assert answer["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_non_streaming_chat_usage_matches_the_tokens(ring: LocalRing, qwen3_model: Path) -> None:
+def test_non_streaming_chat_usage_matches_the_tokens(ring: InProcessRing,
+                                                     qwen3_model: Path) -> None:
     answer = post(ring, CHAT, chat_body(max_tokens=12, ignore_eos=True, return_token_ids=True))
     choice = answer["choices"][0]
     assert answer["id"].startswith("chatcmpl-")
@@ -139,7 +142,7 @@ def test_non_streaming_chat_usage_matches_the_tokens(ring: LocalRing, qwen3_mode
     assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
 
 
-def test_non_streaming_completion_usage_matches_the_tokens(ring: LocalRing) -> None:
+def test_non_streaming_completion_usage_matches_the_tokens(ring: InProcessRing) -> None:
     prompt = [5, 17, 99, 200, 31, 8, 77]
     answer = post(ring, COMPLETIONS, {"prompt": prompt, "max_tokens": 9, "ignore_eos": True,
                                       "return_token_ids": True, "temperature": 0})
@@ -150,7 +153,7 @@ def test_non_streaming_completion_usage_matches_the_tokens(ring: LocalRing) -> N
     assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
 
 
-def test_without_ignore_eos_the_answer_ends_at_eos_or_max_tokens(ring: LocalRing,
+def test_without_ignore_eos_the_answer_ends_at_eos_or_max_tokens(ring: InProcessRing,
                                                                  qwen3_model: Path) -> None:
     eos = set(reference_tokenizer(qwen3_model).eos_token_ids)
     for content in ("Hi", STORY, "What is two plus two?"):
@@ -168,7 +171,7 @@ def test_without_ignore_eos_the_answer_ends_at_eos_or_max_tokens(ring: LocalRing
 # ----- streaming ---------------------------------------------------------------------------
 
 
-def test_streamed_chat_equals_the_non_streamed_answer(ring: LocalRing) -> None:
+def test_streamed_chat_equals_the_non_streamed_answer(ring: InProcessRing) -> None:
     body = chat_body(max_tokens=30, ignore_eos=True, return_token_ids=True)
     full = post(ring, CHAT, body)["choices"][0]
     chunks = stream(ring, CHAT, body)
@@ -183,7 +186,7 @@ def test_streamed_chat_equals_the_non_streamed_answer(ring: LocalRing) -> None:
     assert all("usage" not in c or c["usage"] is None for c in chunks)
 
 
-def test_streamed_completion_equals_the_non_streamed_answer(ring: LocalRing) -> None:
+def test_streamed_completion_equals_the_non_streamed_answer(ring: InProcessRing) -> None:
     body = {"prompt": "The quick brown fox", "max_tokens": 25, "ignore_eos": True,
             "temperature": 0}
     full = post(ring, COMPLETIONS, body)["choices"][0]
@@ -193,7 +196,7 @@ def test_streamed_completion_equals_the_non_streamed_answer(ring: LocalRing) -> 
     assert finish_reasons(chunks) == ["length"]
 
 
-def test_stream_options_include_usage_adds_a_final_usage_chunk(ring: LocalRing) -> None:
+def test_stream_options_include_usage_adds_a_final_usage_chunk(ring: InProcessRing) -> None:
     body = chat_body(max_tokens=10, ignore_eos=True)
     usage = post(ring, CHAT, body)["usage"]
     chunks = stream(ring, CHAT, {**body, "stream_options": {"include_usage": True}})
@@ -208,7 +211,7 @@ def test_stream_options_include_usage_adds_a_final_usage_chunk(ring: LocalRing) 
 # ----- stop strings ------------------------------------------------------------------------
 
 
-def full_story(ring: LocalRing) -> str:
+def full_story(ring: InProcessRing) -> str:
     text = post(ring, CHAT, chat_body(max_tokens=30, ignore_eos=True))["choices"][0]["message"][
         "content"]
     assert len(text) >= 20, text
@@ -227,7 +230,7 @@ def pick_stop(text: str, start: int, end: int) -> str:
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_stop_string_ends_the_answer_before_it(ring: LocalRing, streamed: bool) -> None:
+def test_stop_string_ends_the_answer_before_it(ring: InProcessRing, streamed: bool) -> None:
     full = full_story(ring)
     stop = pick_stop(full, len(full) // 3, 2 * len(full) // 3)
     expected = full[:full.index(stop)]
@@ -244,7 +247,7 @@ def test_stop_string_ends_the_answer_before_it(ring: LocalRing, streamed: bool) 
     wait_all_caches_freed(ring)
 
 
-def test_earliest_of_two_stop_strings_wins(ring: LocalRing) -> None:
+def test_earliest_of_two_stop_strings_wins(ring: InProcessRing) -> None:
     full = full_story(ring)
     early = pick_stop(full, len(full) // 4, len(full) // 2)
     late = pick_stop(full, 2 * len(full) // 3, len(full))
@@ -256,7 +259,7 @@ def test_earliest_of_two_stop_strings_wins(ring: LocalRing) -> None:
     assert choice["finish_reason"] == "stop"
 
 
-def test_stop_string_on_text_completions(ring: LocalRing) -> None:
+def test_stop_string_on_text_completions(ring: InProcessRing) -> None:
     body = {"prompt": [10, 20, 30, 40], "max_tokens": 30, "ignore_eos": True, "temperature": 0}
     full = post(ring, COMPLETIONS, body)["choices"][0]["text"]
     stop = pick_stop(full, len(full) // 3, 2 * len(full) // 3)
@@ -271,7 +274,7 @@ def test_stop_string_on_text_completions(ring: LocalRing) -> None:
 # ----- log-probabilities -------------------------------------------------------------------
 
 
-def test_chat_logprobs_with_top_logprobs(ring: LocalRing) -> None:
+def test_chat_logprobs_with_top_logprobs(ring: InProcessRing) -> None:
     answer = post(ring, CHAT, chat_body(max_tokens=8, ignore_eos=True, logprobs=True,
                                         top_logprobs=3))
     content = answer["choices"][0]["logprobs"]["content"]
@@ -290,12 +293,12 @@ def test_chat_logprobs_with_top_logprobs(ring: LocalRing) -> None:
         assert entry["logprob"] == pytest.approx(values[0], abs=1e-6)
 
 
-def test_chat_without_logprobs_has_none(ring: LocalRing) -> None:
+def test_chat_without_logprobs_has_none(ring: InProcessRing) -> None:
     answer = post(ring, CHAT, chat_body(max_tokens=3))
     assert answer["choices"][0]["logprobs"] is None
 
 
-def test_completion_logprobs_use_the_legacy_shape(ring: LocalRing) -> None:
+def test_completion_logprobs_use_the_legacy_shape(ring: InProcessRing) -> None:
     answer = post(ring, COMPLETIONS, {"prompt": "Hello there", "max_tokens": 6,
                                       "ignore_eos": True, "logprobs": 2, "temperature": 0})
     logprobs = answer["choices"][0]["logprobs"]
@@ -316,14 +319,14 @@ def test_completion_logprobs_use_the_legacy_shape(ring: LocalRing) -> None:
 # ----- lifecycle: KV caches are freed however a request ends -------------------------------
 
 
-def test_caches_are_freed_after_normal_completion(ring: LocalRing) -> None:
+def test_caches_are_freed_after_normal_completion(ring: InProcessRing) -> None:
     post(ring, CHAT, chat_body(max_tokens=20, ignore_eos=True))
     stream(ring, CHAT, chat_body(max_tokens=20, ignore_eos=True))
     post(ring, COMPLETIONS, {"prompt": [1, 2, 3], "max_tokens": 5})
     wait_all_caches_freed(ring)
 
 
-def test_client_closing_a_stream_frees_the_caches(ring: LocalRing) -> None:
+def test_client_closing_a_stream_frees_the_caches(ring: InProcessRing) -> None:
     wait_all_caches_freed(ring)  # nothing else runs on the ring
     body = chat_body(max_tokens=LONG_GENERATION, ignore_eos=True, stream=True)
     with httpx.Client(timeout=TIMEOUT) as client, client.stream(
@@ -339,7 +342,7 @@ def test_client_closing_a_stream_frees_the_caches(ring: LocalRing) -> None:
     stream(ring, CHAT, chat_body(max_tokens=5))  # and the ring serves on
 
 
-def test_concurrent_requests_get_the_same_answers_as_alone(ring: LocalRing) -> None:
+def test_concurrent_requests_get_the_same_answers_as_alone(ring: InProcessRing) -> None:
     contents = ["Hi", STORY, "What is two plus two?", "Count to ten."]
     alone = [post(ring, CHAT, chat_body(c, max_tokens=20, ignore_eos=True, return_token_ids=True))
              ["choices"][0]["token_ids"] for c in contents]
@@ -360,7 +363,7 @@ def test_concurrent_requests_get_the_same_answers_as_alone(ring: LocalRing) -> N
 
 
 # Last in the file: if caches leak here, the runaway generation cannot disturb other tests.
-def test_client_giving_up_on_a_non_streaming_request_frees_the_caches(ring: LocalRing) -> None:
+def test_client_giving_up_on_a_non_streaming_request_frees_the_caches(ring: InProcessRing) -> None:
     wait_all_caches_freed(ring)  # nothing else runs on the ring
     body = chat_body(max_tokens=LONG_GENERATION, ignore_eos=True)
     outcome: list[BaseException | httpx.Response] = []

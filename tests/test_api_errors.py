@@ -1,6 +1,8 @@
 """Bad requests and broken rings get OpenAI-shaped errors, never a hang, and the API lives on.
 
 The shared ring's API runs with `--max-context 64`, so a modest prompt is already too long.
+It runs in this process (`tests/inprocess.py`) behind a real HTTP server on loopback; the
+tests that need the API as its own process are marked slow.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 from dnet.local_ring import LocalRing, api_healthy, shard_health
 from tests.conftest import wait_until
+from tests.inprocess import InProcessRing
 
 MAX_CONTEXT = 64
 CLIENT_TIMEOUT = httpx.Timeout(20.0)  # a hang fails the test instead of the suite
@@ -24,15 +27,10 @@ USER = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def ring(qwen3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRing]:
-    ring = LocalRing(str(qwen3_model), [list(range(8))],
-                     log_dir=tmp_path_factory.mktemp("api-errors-ring"),
-                     api_args=["--max-context", str(MAX_CONTEXT)])
-    try:
-        ring.start(timeout_s=90)
+def ring(qwen3_model: Path) -> Iterator[InProcessRing]:
+    with InProcessRing(qwen3_model, [list(range(8))]) as ring:
+        ring.serve_http(max_context=MAX_CONTEXT)
         yield ring
-    finally:
-        ring.stop()
 
 
 def post(url: str, path: str, body: object = None, *, content: bytes | None = None,
@@ -99,7 +97,13 @@ BAD_REQUESTS: dict[str, tuple[str, object, str | None]] = {
     "repetition-context-size-huge": (CHAT, {"messages": USER,
                                             "repetition_context_size": 10**10},
                                      "repetition_context_size"),
-    "n-2": (CHAT, {"messages": USER, "n": 2}, "n"),
+    "n-too-many": (CHAT, {"messages": USER, "n": 17}, "n"),
+    "user-without-content": (CHAT, {"messages": [{"role": "user"}]}, "messages[0].content"),
+    "image-part": (CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+        "messages[0].content[0]"),
+    "tools-without-a-tool-format": (CHAT, {"messages": USER, "tools": [{"type": "function",
+                                    "function": {"name": "f"}}]}, "tools"),
     "stop-empty": (CHAT, {"messages": USER, "stop": ""}, "stop"),
     "stop-too-many": (CHAT, {"messages": USER, "stop": [f"s{i}" for i in range(40)]}, "stop"),
     "top-logprobs-too-many": (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 50},
@@ -117,8 +121,7 @@ BAD_REQUESTS: dict[str, tuple[str, object, str | None]] = {
     "completion-token-vocab-size": (COMPLETIONS, {"prompt": [1, 2, 512]}, "prompt"),
     "completion-token-negative": (COMPLETIONS, {"prompt": [1, -1]}, "prompt"),
     "completion-two-prompts": (COMPLETIONS, {"prompt": ["a", "b"]}, "prompt"),
-    "completion-echo": (COMPLETIONS, {"prompt": "Hi", "echo": True}, "echo"),
-    "completion-n-2": (COMPLETIONS, {"prompt": "Hi", "n": 2}, "n"),
+    "completion-n-too-many": (COMPLETIONS, {"prompt": "Hi", "n": 17}, "n"),
     "completion-max-tokens-zero": (COMPLETIONS, {"prompt": "Hi", "max_tokens": 0},
                                    "max_tokens"),
     "completion-logprobs-too-many": (COMPLETIONS, {"prompt": "Hi", "logprobs": 50},
@@ -128,7 +131,7 @@ BAD_REQUESTS: dict[str, tuple[str, object, str | None]] = {
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_request_gets_an_openai_error_and_the_server_keeps_answering(
-        ring: LocalRing, case: str) -> None:
+        ring: InProcessRing, case: str) -> None:
     path, body, param = BAD_REQUESTS[case]
     if isinstance(body, bytes):
         response = post(ring.url, path, content=body)
@@ -142,7 +145,7 @@ def test_bad_request_gets_an_openai_error_and_the_server_keeps_answering(
 
 
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
-def test_unknown_model_is_404_model_not_found(ring: LocalRing, path: str) -> None:
+def test_unknown_model_is_404_model_not_found(ring: InProcessRing, path: str) -> None:
     body = {"model": "gpt-17-ultra", "max_tokens": 2,
             **({"messages": USER} if path == CHAT else {"prompt": "Hi"})}
     error = assert_openai_error(post(ring.url, path, body), 404)
@@ -152,7 +155,7 @@ def test_unknown_model_is_404_model_not_found(ring: LocalRing, path: str) -> Non
     assert_still_serving(ring.url)
 
 
-def test_streaming_request_with_an_error_is_a_plain_json_error(ring: LocalRing) -> None:
+def test_streaming_request_with_an_error_is_a_plain_json_error(ring: InProcessRing) -> None:
     response = post(ring.url, CHAT, {"messages": USER, "stream": True, "max_tokens": 0})
     assert_openai_error(response, 400)
     response = post(ring.url, CHAT, {"model": "nope", "messages": USER, "stream": True})
@@ -160,7 +163,7 @@ def test_streaming_request_with_an_error_is_a_plain_json_error(ring: LocalRing) 
     assert_still_serving(ring.url)
 
 
-def test_chat_prompt_longer_than_the_context_is_rejected(ring: LocalRing) -> None:
+def test_chat_prompt_longer_than_the_context_is_rejected(ring: InProcessRing) -> None:
     long = "The quick brown fox jumps over the lazy dog. " * 20
     for stream in (False, True):
         response = post(ring.url, CHAT, {"messages": [{"role": "user", "content": long}],
@@ -170,7 +173,7 @@ def test_chat_prompt_longer_than_the_context_is_rejected(ring: LocalRing) -> Non
     assert_still_serving(ring.url)
 
 
-def test_token_prompt_longer_than_the_context_is_rejected(ring: LocalRing) -> None:
+def test_token_prompt_longer_than_the_context_is_rejected(ring: InProcessRing) -> None:
     for length in (MAX_CONTEXT, MAX_CONTEXT + 1, 1000):
         response = post(ring.url, COMPLETIONS, {"prompt": [5] * length, "max_tokens": 1})
         error = assert_openai_error(response, 400)
@@ -178,7 +181,7 @@ def test_token_prompt_longer_than_the_context_is_rejected(ring: LocalRing) -> No
     assert_still_serving(ring.url)
 
 
-def test_prompt_plus_answer_fits_in_the_context(ring: LocalRing) -> None:
+def test_prompt_plus_answer_fits_in_the_context(ring: InProcessRing) -> None:
     prompt = [(7 * i) % 500 + 3 for i in range(MAX_CONTEXT - 4)]
     response = post(ring.url, COMPLETIONS, {"prompt": prompt, "max_tokens": 50,
                                             "ignore_eos": True})
@@ -189,7 +192,7 @@ def test_prompt_plus_answer_fits_in_the_context(ring: LocalRing) -> None:
                                "total_tokens": MAX_CONTEXT}
 
 
-def test_unknown_fields_are_ignored(ring: LocalRing) -> None:
+def test_unknown_fields_are_ignored(ring: InProcessRing) -> None:
     body = {"messages": [{"role": "user", "content": "Hi", "shiny_new_field": {"x": 1}}],
             "max_tokens": 3, "user": "someone", "frobnicate": [1, 2, 3], "tools": [],
             "parallel_tool_calls": False, "metadata": {"a": "b"}, "store": False}
@@ -201,7 +204,7 @@ def test_unknown_fields_are_ignored(ring: LocalRing) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_content_as_a_list_of_text_parts_is_accepted(ring: LocalRing) -> None:
+def test_content_as_a_list_of_text_parts_is_accepted(ring: InProcessRing) -> None:
     body = {"messages": [{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": [{"type": "text", "text": "Hi"},
                                                       {"type": "text", "text": " there"}]}],
@@ -216,13 +219,13 @@ def big_body(size: int) -> bytes:
     return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
-def test_body_over_16_mib_is_413(ring: LocalRing) -> None:
+def test_body_over_16_mib_is_413(ring: InProcessRing) -> None:
     response = post(ring.url, CHAT, content=big_body(16 * 1024 * 1024 + 1024))
     assert_openai_error(response, 413)
     assert_still_serving(ring.url)
 
 
-def test_chunked_body_over_16_mib_is_413(ring: LocalRing) -> None:
+def test_chunked_body_over_16_mib_is_413(ring: InProcessRing) -> None:
     # No content-length: the limit must hold for the bytes actually sent, too.
     body = big_body(17 * 1024 * 1024)
 
@@ -238,7 +241,7 @@ def test_chunked_body_over_16_mib_is_413(ring: LocalRing) -> None:
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nothing-here"),
                                               ("GET", CHAT), ("POST", "/v1/models")])
-def test_unknown_routes_and_methods_get_an_openai_error(ring: LocalRing, method: str,
+def test_unknown_routes_and_methods_get_an_openai_error(ring: InProcessRing, method: str,
                                                         path: str) -> None:
     response = httpx.request(method, ring.url + path, timeout=CLIENT_TIMEOUT)
     assert_openai_error(response)
@@ -254,6 +257,7 @@ def assert_unavailable(response: httpx.Response) -> None:
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
 
 
+@pytest.mark.slow
 def test_api_whose_first_shard_is_unreachable_answers_503(qwen3_model: Path,
                                                           tmp_path: Path) -> None:
     # Only the API runs; nothing listens on the first shard's port.
@@ -278,6 +282,7 @@ def test_api_whose_first_shard_is_unreachable_answers_503(qwen3_model: Path,
         log.close()
 
 
+@pytest.mark.slow
 def test_ring_with_a_killed_shard_answers_5xx_and_the_api_survives(qwen3_model: Path,
                                                                    start_ring) -> None:
     ring = start_ring(qwen3_model, [[0, 1, 2, 3], [4, 5, 6, 7]])
@@ -306,7 +311,7 @@ def test_ring_with_a_killed_shard_answers_5xx_and_the_api_survives(qwen3_model: 
     assert api_healthy(ring.url)
 
 
-def test_health_and_models_still_answer_after_all_that(ring: LocalRing) -> None:
+def test_health_and_models_still_answer_after_all_that(ring: InProcessRing) -> None:
     health = httpx.get(ring.url + "/health", timeout=CLIENT_TIMEOUT)
     assert health.status_code == 200 and health.json()["role"] == "api"
     models = httpx.get(ring.url + "/v1/models", timeout=CLIENT_TIMEOUT)

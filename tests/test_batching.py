@@ -7,10 +7,14 @@ import threading
 import httpx
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import RotatingKVCache
 
+from dnet.shard.groups import batchable
+from dnet.shard.requests import RequestTable
+from dnet.shard.tail import Tail
 from dnet.shard.trains import TrainScheduler
 from dnet.stage import Stage
-from tests.conftest import DEEPSEEK_F32, LLAMA_F16, QWEN3_BF16, QWEN3_Q4, reference_tokens
+from tests.conftest import FLOAT_SPECS, QUANT_SPECS, QWEN3_BF16, QWEN3_Q4, reference_tokens
 
 # ----- the scheduler: pure decisions ------------------------------------------------------
 
@@ -53,14 +57,16 @@ def test_forgotten_requests_leave_trains_and_queues() -> None:
 
 # ----- the maths: a batched step is bit for bit the single steps ---------------------------
 
+BATCH_SPECS = {**{f"{arch}-{spec.dtype}": spec for arch, spec in FLOAT_SPECS.items()},
+               "qwen3-q4": QWEN3_Q4, "qwen3_5_moe-q4": QUANT_SPECS["qwen3_5_moe"]}
 
-@pytest.mark.parametrize("spec", [QWEN3_BF16, QWEN3_Q4, DEEPSEEK_F32, LLAMA_F16],
-                         ids=lambda s: f"{s.arch}-{s.quant_bits or s.dtype}")
-def test_batched_decode_step_equals_single_steps(spec, make_model) -> None:
-    stage = Stage(make_model(spec), list(range(8)))
+
+def batched_and_single_logits(stage: Stage, steps: int = 3):
+    """Four requests of different lengths (some past the sliding window), decoded together
+    from merged caches and alone from their own; yields both logits per step."""
     prompts = [[(7 * i + j) % 300 + 3 for j in range(length)] for i, length in
                enumerate([5, 17, 9, 30])]
-    singles, caches = [], []
+    caches = []
     for prompt in prompts:
         own = stage.new_caches()
         h, _ = stage.forward(stage.embed(mx.array([prompt])), 0, own)
@@ -68,16 +74,45 @@ def test_batched_decode_step_equals_single_steps(spec, make_model) -> None:
         caches.append(own)
     batch = {layer: type(caches[0][layer]).merge([c[layer] for c in caches])
              for layer in caches[0]}
-    for own, token in zip(caches, [11, 22, 33, 44], strict=True):
-        h, _ = stage.forward(stage.embed(mx.array([[token]])), 0, own)
-        singles.append(stage.logits(h))
-    h, _ = stage.forward(stage.embed(mx.array([[11], [22], [33], [44]])), 0, batch)
-    assert mx.array_equal(mx.concatenate(singles), stage.logits(h)).item()
+    tokens = [11, 22, 33, 44]
+    for _ in range(steps):
+        singles = []
+        for own, token in zip(caches, tokens, strict=True):
+            h, _ = stage.forward(stage.embed(mx.array([[token]])), 0, own)
+            singles.append(stage.logits(h))
+        h, _ = stage.forward(stage.embed(mx.array([[t] for t in tokens])), 0, batch)
+        yield mx.concatenate(singles), stage.logits(h)
+        tokens = [t + 1 for t in tokens]
+
+
+@pytest.mark.parametrize("name", list(BATCH_SPECS))
+def test_batched_decode_step_equals_single_steps(name: str, make_model) -> None:
+    stage = Stage(make_model(BATCH_SPECS[name]), list(range(8)))
+    if not batchable(stage.cache_templates):
+        # Sliding windows: the tail sends one request per frame instead (next test).
+        assert any(isinstance(c, RotatingKVCache) for c in stage.cache_templates)
+        return
+    for single, batched in batched_and_single_logits(stage):
+        assert mx.array_equal(single, batched).item()
+
+
+def test_sliding_window_models_decode_one_request_per_frame(make_model) -> None:
+    for arch in ("gemma3_text", "gpt_oss"):
+        stage = Stage(make_model(FLOAT_SPECS[arch]), list(range(8)))
+        tail = Tail(stage, RequestTable())
+        assert tail.scheduler.max_batch == 1, arch
+        if arch == "gpt_oss":  # what batching would risk: keys reordered past the window
+            assert any(not mx.array_equal(single, batched).item()
+                       for single, batched in batched_and_single_logits(stage))
+    stage = Stage(make_model(FLOAT_SPECS["qwen3_next"]), list(range(8)))
+    tail = Tail(stage, RequestTable())
+    assert tail.scheduler.max_batch > 1  # linear-attention state batches exactly
 
 
 # ----- through the ring ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts real processes
 def test_many_concurrent_requests_keep_their_tokens(make_model, start_ring) -> None:
     model = make_model(QWEN3_BF16)
     ring = start_ring(model, [[0, 1, 2, 3], [4, 5, 6, 7]])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dnet.cli import main, parse_layers
+from dnet.ring import auth
 
 
 @pytest.mark.parametrize(("text", "layers"), [
@@ -69,6 +70,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        auth.configure(None)  # main() set this process's cluster key
     return status, capsys.readouterr().err
 
 
@@ -136,3 +138,96 @@ def test_argument_errors_exit_with_usage_not_traceback(argv: list[str], capsys) 
     assert status == 2
     assert_clean(err)
     assert "usage:" in err
+
+
+# ----- issue 14: host names, ports, limits, taken ports -------------------------------------
+
+
+@pytest.mark.parametrize("command", [["status"], ["load", "some/model"], ["chat"]])
+def test_host_localhost_is_accepted_by_the_client_commands(command: list[str], capsys,
+                                                           monkeypatch) -> None:
+    # Browsing loopback for a mesh under a key nobody uses: none answers, cleanly.
+    monkeypatch.setenv("DNET_CLUSTER_KEY", "a key no mesh here uses")
+    monkeypatch.delenv("DNET_API", raising=False)
+    status, err = run_cli([*command, "--host", "localhost"], capsys)
+    assert_clean(err)
+    assert status == 1, err  # no node of that cluster answered; not a usage error, no crash
+    assert "no dnet node of this cluster key answered over mDNS on 127.0.0.1" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["status", "--host", "no-such-host.invalid"],
+    ["join", "--host", "no-such-host.invalid"],
+    ["join", "--grpc-port", "0"],
+    ["join", "--http-port", "70000"],
+    ["join", "--http-port", "http"],
+    ["join", "--context", "0"],
+    ["join", "--max-requests", "-1"],
+    ["join", "--kv-ttl", "0"],
+    ["chat", "--max-tokens", "0"],
+    ["api", "-m", "x", "-s", "h:1", "--token-timeout", "-5"],
+], ids=["status-host", "join-host", "grpc-port-0", "http-port-70000", "http-port-word",
+        "context-0", "max-requests-negative", "kv-ttl-0", "chat-max-tokens-0",
+        "api-token-timeout"])
+def test_usage_errors_exit_2_without_a_traceback(argv: list[str], capsys) -> None:
+    status, err = run_cli(argv, capsys)
+    assert status == 2
+    assert_clean(err)
+    assert "usage:" in err
+
+
+def test_a_bad_port_in_the_environment_is_a_usage_error(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("DNET_HTTP_PORT", "eighty")
+    status, err = run_cli(["join"], capsys)
+    assert status == 2
+    assert_clean(err)
+    assert "eighty" in err
+
+
+def test_host_errors_name_the_host(capsys) -> None:
+    _, err = run_cli(["status", "--host", "no-such-host.invalid"], capsys)
+    assert "cannot resolve host 'no-such-host.invalid'" in err
+
+
+@pytest.fixture
+def taken_port():
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_a_shard_on_a_taken_port_says_which_flag_to_change(qwen3_model: Path, taken_port: int,
+                                                           capsys) -> None:
+    status, err = run_cli(["shard", "-m", str(qwen3_model), "-p", str(taken_port), "-l", "0-3",
+                           "-n", "127.0.0.1:9", "--host", "127.0.0.1"], capsys)
+    assert status == 1
+    assert err.strip() == (f"dnet shard: port {taken_port} is already in use; choose another "
+                           "with -p/--port")
+
+
+def test_an_api_on_a_taken_port_says_which_flag_to_change(qwen3_model: Path, taken_port: int,
+                                                          capsys) -> None:
+    status, err = run_cli(["api", "-a", f"localhost:{taken_port}", "-s", "127.0.0.1:9",
+                           "-m", str(qwen3_model)], capsys)
+    assert status == 1
+    assert err.strip() == (f"dnet api: port {taken_port} is already in use; choose another "
+                           "with -a/--address")
+
+
+@pytest.mark.slow  # starts a Python process per command
+@pytest.mark.parametrize("command", [["status", "--api", "127.0.0.1:9"],
+                                     ["chat", "--api", "127.0.0.1:9"],
+                                     ["load", "m", "--api", "127.0.0.1:9"]])
+def test_the_client_commands_do_not_load_mlx(command: list[str]) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from dnet.cli import main; main(sys.argv[1:]); "
+            "print('MLX:', sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mlx', 'mlx_lm')))")
+    result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "MLX: []" in result.stdout, result.stdout + result.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,11 @@ from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from dnet.ring import auth
 from tests.conftest import chat_prompt_ids, reference_tokens
-from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
+from tests.mesh import LocalMesh, chat_token_ids, ring_covers, topology, wait_for
+
+pytestmark = pytest.mark.slow
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 KEY = "correct horse battery staple"
 
@@ -108,3 +115,14 @@ def test_meshes_with_different_keys_never_merge(meshes, qwen3_model: Path) -> No
     # Their advert carries a different cluster id, never the key.
     log = a[0].log.read_text()
     assert KEY not in log and "discovered b0" not in log
+    # The user is told once that another cluster is there, and `dnet status` says so.
+    told = [line for line in log.splitlines() if "another cluster key" in line and "b0" in line]
+    assert len(told) == 1, log
+    view = topology(a[1])
+    assert any("b0" in other["seen"] for other in view["other_clusters"])
+    status = subprocess.run([sys.executable, "-m", "dnet.cli", "status", "--api",
+                             f"{a[1].host}:{a[1].http_port}"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COLUMNS": "250"})
+    assert status.returncode == 0, status.stderr
+    assert "another dnet cluster (a different --cluster-key)" in status.stdout
+    assert "b0" in status.stdout

@@ -15,6 +15,8 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.mesh import LocalMesh, ring_covers, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 CHROMIUM = Path("/usr/bin/chromium")
 # The machine's network is closed: without the background-networking flags Chromium keeps
 # trying to reach Google's services and floods the log with refused connections.

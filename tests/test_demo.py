@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts real processes
+
 
 def test_demo_runs_a_ring_and_prints_a_completion(tmp_path: Path) -> None:
     env = {**os.environ, "DNET_CACHE_DIR": str(tmp_path / "cache")}

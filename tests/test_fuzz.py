@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 
 from dnet.local_ring import LocalRing
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 
 @pytest.fixture(scope="module")
 def fuzzed_ring(tmp_path_factory: pytest.TempPathFactory, make_model) -> Iterator[LocalRing]:
@@ -32,8 +34,9 @@ def api_schema(fuzzed_ring: LocalRing):
     return schemathesis.openapi.from_dict(document)
 
 
-OPERATIONS = ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
-              "GET /health"]
+OPERATIONS = ["POST /v1/chat/completions", "POST /v1/completions", "POST /v1/messages",
+              "POST /v1/messages/count_tokens", "POST /v1/responses", "GET /v1/models",
+              "GET /v1/models/{model_id}", "GET /health"]
 
 
 @pytest.mark.parametrize("label", OPERATIONS)
@@ -54,6 +57,8 @@ def test_no_input_gets_a_server_error(label: str, api_schema, fuzzed_ring: Local
 
 def test_fuzzing_covers_the_endpoints(api_schema) -> None:
     paths = set(api_schema.raw_schema["paths"])
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= paths
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses",
+            "/v1/messages/count_tokens", "/v1/models", "/v1/models/{model_id}",
+            "/health"} <= paths
 
 

@@ -19,6 +19,8 @@ from tests.conftest import (
     reference_tokens,
 )
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 MAX_TOKENS = 24
 
 # (model, layer lists): 1, 2 and 3 shards, contiguous and multi-round (non-contiguous) rings.

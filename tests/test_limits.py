@@ -1,10 +1,12 @@
-"""Limits answer clearly (429, 503, 401, 413) instead of crashing or running out of memory."""
+"""Limits answer clearly (429, 503, 401, 413) instead of crashing or running out of memory.
+
+Each ring runs in this process (`inprocess_ring` in conftest.py), behind a real HTTP server.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import httpx
 
@@ -15,8 +17,8 @@ def post(url: str, body: dict, **kwargs) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json=body, timeout=120, **kwargs)
 
 
-def test_concurrent_requests_past_the_cap_get_429(qwen3_model: Path, start_ring) -> None:
-    ring = start_ring(qwen3_model, [list(range(8))], api_args=["--max-requests", "2"])
+def test_concurrent_requests_past_the_cap_get_429(inprocess_ring) -> None:
+    ring = inprocess_ring([list(range(8))], http=True, max_requests=2)
     statuses: list[int] = []
     opened = threading.Barrier(3, timeout=60)
 
@@ -42,11 +44,11 @@ def test_concurrent_requests_past_the_cap_get_429(qwen3_model: Path, start_ring)
     assert post(ring.url, {"prompt": [5, 6, 7], "max_tokens": 4}).status_code == 200
 
 
-def test_a_full_kv_cache_refuses_new_requests_with_503(qwen3_model: Path, start_ring) -> None:
+def test_a_full_kv_cache_refuses_new_requests_with_503(inprocess_ring) -> None:
     # The generated model keeps 2 KiB of KV cache per token over its 8 layers: a 100 kB cap
     # admits about 50 tokens of prompt plus answer.
-    ring = start_ring(qwen3_model, [[0, 1, 2, 3], [4, 5, 6, 7]],
-                      shard_args=["--max-kv-bytes", "100kB"])
+    ring = inprocess_ring([[0, 1, 2, 3], [4, 5, 6, 7]], http=True, grpc=True,
+                          kv_cap_bytes=100_000)  # --max-kv-bytes 100kB
     small = post(ring.url, {"prompt": list(range(5, 25)), "max_tokens": 20})
     assert small.status_code == 200, small.text
     big = post(ring.url, {"prompt": list(range(5, 25)), "max_tokens": 200})
@@ -58,8 +60,8 @@ def test_a_full_kv_cache_refuses_new_requests_with_503(qwen3_model: Path, start_
     assert post(ring.url, {"prompt": list(range(5, 25)), "max_tokens": 20}).status_code == 200
 
 
-def test_api_key_guards_the_api(qwen3_model: Path, start_ring) -> None:
-    ring = start_ring(qwen3_model, [list(range(8))], api_args=["--api-key", "s3cret"])
+def test_api_key_guards_the_api(inprocess_ring) -> None:
+    ring = inprocess_ring([list(range(8))], http=True, api_key="s3cret")
     assert httpx.get(f"{ring.url}/v1/models", timeout=10).status_code == 401
     wrong = httpx.get(f"{ring.url}/v1/models", timeout=10,
                       headers={"Authorization": "Bearer nope"})
@@ -71,8 +73,8 @@ def test_api_key_guards_the_api(qwen3_model: Path, start_ring) -> None:
 
 
 def test_huge_max_tokens_stops_at_the_context_and_huge_bodies_are_413(
-        qwen3_model: Path, start_ring) -> None:
-    ring = start_ring(qwen3_model, [list(range(8))], api_args=["--max-context", "48"])
+        inprocess_ring) -> None:
+    ring = inprocess_ring([list(range(8))], http=True, max_context=48)
     answer = post(ring.url, {"prompt": list(range(5, 25)), "max_tokens": 10**9,
                              "ignore_eos": True})
     assert answer.status_code == 200, answer.text

@@ -13,6 +13,8 @@ from dnet.local_ring import free_port
 from tests.conftest import chat_prompt_ids, reference_tokens
 from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 NUM_LAYERS = 8
 MAX_TOKENS = 12
 QUESTION = "What is 2+2?"

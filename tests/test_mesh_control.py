@@ -10,9 +10,12 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import LLAMA_F16, chat_prompt_ids, reference_tokens
 from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 NUM_LAYERS = 8
 
@@ -62,8 +65,10 @@ def test_senior_nodes_proposal_wins_and_newcomers_do_not_switch(mesh: LocalMesh,
 def test_status_finds_the_mesh_over_mdns(mesh: LocalMesh) -> None:
     node = mesh.add("solo", budget="64MB")
     wait_for(mesh, ring_covers(NUM_LAYERS), 90, "a ring")
+    # The mesh's key: other meshes may be on loopback too (other tests running at once).
     result = subprocess.run([sys.executable, "-m", "dnet.cli", "status", "--host", "127.0.0.1",
-                             "--json"], capture_output=True, text=True, timeout=60)
+                             "--json"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DNET_CLUSTER_KEY": mesh.cluster_key})
     assert result.returncode == 0, result.stderr
     topology = json.loads(result.stdout)
     assert topology["model"] == mesh.model

@@ -22,6 +22,8 @@ from tests.mesh import LocalMesh, MeshNode, chat_token_ids, ring_covers, topolog
 from tests.netns import Host, NetnsLan, namespaces, netns_lan
 from tests.test_mesh import MAX_TOKENS, NUM_LAYERS, QUESTION, THREE_WAY, TWO_WAY
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 FORMATION_S = 90  # starting three Python processes with mlx on two slow cores takes a while
 REPLAN_S = 15
 CHAT_S = 150  # backstop for `Host.call`; chat_token_ids itself times out after 120 s
@@ -55,10 +57,12 @@ def client(lan: NetnsLan) -> Host:
     return lan.client
 
 
-def start_nodes(mesh: LocalMesh, lan: NetnsLan, budget: str) -> list[MeshNode]:
-    """One node per host namespace, bound to that namespace's address; node0 proposes."""
+def start_nodes(mesh: LocalMesh, lan: NetnsLan, budget: str,
+                pin_host: bool = True) -> list[MeshNode]:
+    """One node per host namespace, bound to that namespace's address (or, without
+    `pin_host`, left to pick its address itself); node0 proposes."""
     return [mesh.add(f"node{i}", budget=budget, host=host.address, prefix=host.prefix,
-                     propose=i == 0)
+                     propose=i == 0, pin_host=pin_host)
             for i, host in enumerate(lan.hosts)]
 
 
@@ -133,3 +137,38 @@ def test_teardown_stops_processes_and_removes_every_namespace() -> None:
         assert created <= namespaces()
     assert stray.wait(timeout=10) == -9
     assert not created & namespaces()
+
+
+def assert_advertised_lan_addresses(lan: NetnsLan, view: dict[str, Any]) -> None:
+    """Each node goes by the address of its interface on the mesh's network."""
+    assert sorted(n["address"] for n in view["nodes"]) == sorted(
+        host.address for host in lan.hosts), view["nodes"]
+
+
+def test_without_host_and_without_a_default_route_nodes_advertise_their_lan_address(
+        lan: NetnsLan, mesh: LocalMesh, reference: list[int]) -> None:
+    # The namespaces have no default route: this used to advertise 127.0.0.1.
+    nodes = start_nodes(mesh, lan, THREE_WAY, pin_host=False)
+    view = wait_on_lan(lan, mesh, ring_covers(NUM_LAYERS, size=3), FORMATION_S,
+                       "a ring of three namespaces without --host")
+    assert_advertised_lan_addresses(lan, view)
+    for node in nodes:
+        assert chat_on_lan(lan, node) == reference, node.name
+
+
+def test_without_host_and_with_two_interfaces_nodes_advertise_the_shared_one(
+        lan: NetnsLan, mesh: LocalMesh, reference: list[int]) -> None:
+    # Each host's default route goes out of an uplink no peer can reach: this used to be
+    # the address advertised, and no ring formed.
+    uplinks = lan.add_uplinks()
+    nodes = start_nodes(mesh, lan, TWO_WAY, pin_host=False)
+    view = wait_on_lan(lan, mesh, lambda v: ring_covers(NUM_LAYERS)(v) and len(v["nodes"]) == 3,
+                       FORMATION_S, "a ring across the shared network")
+    assert_advertised_lan_addresses(lan, view)
+    for node, uplink in zip(nodes, uplinks, strict=True):
+        log = node.log.read_text()
+        warnings = [line for line in log.splitlines() if "several network interfaces" in line]
+        assert len(warnings) == 1, log  # once, naming both interfaces
+        assert "dnet0" in warnings[0] and f"dnet1 {uplink}/24" in warnings[0]
+    for node in nodes:
+        assert chat_on_lan(lan, node) == reference, node.name

@@ -14,6 +14,8 @@ from openai import OpenAI
 from dnet.local_ring import LocalRing
 from tests.conftest import chat_prompt_ids, reference_tokens
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 
 @pytest.fixture(scope="module")
 def ring(qwen3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRing]:

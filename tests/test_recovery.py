@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import reference_tokens
 from tests.mesh import LocalMesh, chat_token_ids, ring_covers, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 NUM_LAYERS = 8
 TOKENS = 300

@@ -14,6 +14,8 @@ import pytest
 from dnet.local_ring import api_healthy, port_is_free, shard_healthy
 from tests.conftest import chat_prompt_ids, reference_tokens
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 BIN = Path(sys.executable).parent
 
 

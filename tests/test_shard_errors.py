@@ -1,13 +1,13 @@
 """A shard's gRPC service rejects bad frames with the right status and keeps serving.
 
-Frames go straight to the shards of a real two-shard ring (layers 0-3 and 4-7), as a buggy or
-hostile peer would send them; after each, a chat request through the ring still works.
+Frames go straight to the shards of a two-shard ring (layers 0-3 and 4-7) over gRPC, as a
+buggy or hostile peer would send them; after each, a chat request through the ring still
+works. The ring runs in this process (`tests/inprocess.py`), on loopback gRPC and HTTP.
 """
 
 from __future__ import annotations
 
 import queue
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,10 +18,11 @@ import httpx
 import numpy as np
 import pytest
 
-from dnet.local_ring import LocalRing, shard_health, shard_healthy
+from dnet.local_ring import shard_health
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from tests.conftest import wait_until
+from tests.inprocess import InProcessRing
 
 HIDDEN = 128  # the default generated model's hidden size
 VOCAB = 512
@@ -30,13 +31,10 @@ RPC_TIMEOUT = 20.0
 
 
 @pytest.fixture(scope="module")
-def ring(qwen3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRing]:
-    ring = LocalRing(str(qwen3_model), LAYERS, log_dir=tmp_path_factory.mktemp("shard-ring"))
-    try:
-        ring.start(timeout_s=90)
+def ring(qwen3_model: Path) -> Iterator[InProcessRing]:
+    with InProcessRing(qwen3_model, LAYERS, grpc=True) as ring:
+        ring.serve_http()
         yield ring
-    finally:
-        ring.stop()
 
 
 def stub(address: str) -> tuple[grpc.Channel, pb_grpc.RingStub]:
@@ -75,13 +73,13 @@ def active(address: str) -> int:
     return -1 if reply is None else reply.active_requests
 
 
-def wait_no_caches(ring: LocalRing, timeout_s: float = 15.0) -> None:
+def wait_no_caches(ring: InProcessRing, timeout_s: float = 15.0) -> None:
     for address in ring.shard_addresses:
         wait_until(lambda a=address: active(a) == 0, timeout_s,
                    f"shard {address} holds no KV cache")
 
 
-def assert_ring_serves(ring: LocalRing) -> None:
+def assert_ring_serves(ring: InProcessRing) -> None:
     response = httpx.post(f"{ring.url}/v1/chat/completions", timeout=30,
                           json={"messages": [{"role": "user", "content": "Still there?"}],
                                 "max_tokens": 4})
@@ -163,14 +161,14 @@ BAD_FRAMES: dict[str, tuple[int, Callable[[], pb.Frame], grpc.StatusCode]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_FRAMES))
-def test_bad_frame_is_rejected_and_the_ring_still_serves(ring: LocalRing, case: str) -> None:
+def test_bad_frame_is_rejected_and_the_ring_still_serves(ring: InProcessRing, case: str) -> None:
     shard, make_frame, expected = BAD_FRAMES[case]
     assert forward(ring.shard_addresses[shard], make_frame()) == expected
     wait_no_caches(ring)  # a rejected frame opens no KV cache
     assert_ring_serves(ring)
 
 
-def test_message_over_the_size_limit_is_resource_exhausted(ring: LocalRing) -> None:
+def test_message_over_the_size_limit_is_resource_exhausted(ring: InProcessRing) -> None:
     size = 300 * 1024 * 1024  # over the 256 MiB limit
     rows = size // (HIDDEN * 4)
     frame = pb.Frame(request_id=new_id(), next_layer=4, tokens=[1] * rows,
@@ -186,7 +184,7 @@ def test_message_over_the_size_limit_is_resource_exhausted(ring: LocalRing) -> N
     assert_ring_serves(ring)
 
 
-def test_health_describes_each_shard(ring: LocalRing) -> None:
+def test_health_describes_each_shard(ring: InProcessRing) -> None:
     for address, layers in zip(ring.shard_addresses, LAYERS, strict=True):
         reply = shard_health(address)
         assert reply is not None
@@ -197,7 +195,7 @@ def test_health_describes_each_shard(ring: LocalRing) -> None:
         assert reply.model == ring.model
 
 
-def test_frames_stream_reports_rejected_frames_and_stays_open(ring: LocalRing) -> None:
+def test_frames_stream_reports_rejected_frames_and_stays_open(ring: InProcessRing) -> None:
     outbox: queue.Queue[pb.Frame | None] = queue.Queue()
 
     def requests() -> Iterator[pb.Frame]:
@@ -236,7 +234,7 @@ def open_cache_frame(request_id: str, **fields) -> pb.Frame:
                     sample=False, **fields)
 
 
-def test_release_with_propagate_drops_the_cache_on_every_shard(ring: LocalRing) -> None:
+def test_release_with_propagate_drops_the_cache_on_every_shard(ring: InProcessRing) -> None:
     wait_no_caches(ring)  # nothing else runs on the ring
     head, second = ring.shard_addresses
     request_id = new_id()
@@ -259,7 +257,7 @@ def test_release_with_propagate_drops_the_cache_on_every_shard(ring: LocalRing) 
     assert_ring_serves(ring)
 
 
-def test_release_of_an_unknown_request_is_harmless(ring: LocalRing) -> None:
+def test_release_of_an_unknown_request_is_harmless(ring: InProcessRing) -> None:
     channel, ring_stub = stub(ring.shard_addresses[0])
     with channel:
         ring_stub.Release(pb.ReleaseRequest(request_id=new_id(), propagate=True),
@@ -280,7 +278,7 @@ class TokenSink(pb_grpc.RingServicer):
         return iter(())
 
 
-def test_caches_are_freed_when_the_entry_dies_mid_generation(ring: LocalRing) -> None:
+def test_caches_are_freed_when_the_entry_dies_mid_generation(ring: InProcessRing) -> None:
     from concurrent import futures
 
     wait_no_caches(ring)  # nothing else runs on the ring
@@ -306,23 +304,10 @@ def test_caches_are_freed_when_the_entry_dies_mid_generation(ring: LocalRing) ->
     assert_ring_serves(ring)
 
 
-def test_idle_kv_cache_is_dropped_after_the_ttl(qwen3_model: Path, tmp_path: Path) -> None:
+def test_idle_kv_cache_is_dropped_after_the_ttl(qwen3_model: Path) -> None:
     # One shard alone (no API): it holds every layer, and a cache nobody releases.
-    ring = LocalRing(str(qwen3_model), [list(range(8))], shard_args=["--kv-ttl", "1"])
-    log = open(tmp_path / "shard.log", "wb")  # noqa: SIM115 - closed in finally
-    try:
-        ring.processes.append(subprocess.Popen(ring.shard_command(0), stdout=log,
-                                               stderr=subprocess.STDOUT))
-        ring.names.append("shard0")
+    with InProcessRing(qwen3_model, [list(range(8))], grpc=True, kv_ttl_s=1) as ring:
         address = ring.shard_addresses[0]
-        wait_until(lambda: shard_healthy(address) or ring.processes[0].poll() is not None, 60,
-                   "the shard is up")
-        assert ring.processes[0].poll() is None, "the shard exited"
-
         assert forward(address, open_cache_frame(new_id())) == grpc.StatusCode.OK
         wait_until(lambda: active(address) == 1, 10, "the shard holds the request's cache")
         wait_until(lambda: active(address) == 0, 10, "the idle cache is dropped")
-        assert ring.processes[0].poll() is None
-    finally:
-        ring.stop()
-        log.close()

@@ -8,10 +8,12 @@ import httpx
 import pytest
 
 from dnet.local_ring import shard_health
+from dnet.model_facts import profile_model
 from dnet.modelgen import ModelSpec
-from planner import profile_model
 from tests.conftest import DEEPSEEK_F32, QWEN3_BF16, QWEN3_Q4, chat_prompt_ids, reference_tokens
 from tests.test_identity import assert_diverse, chat_ids, completion_ids
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 MAX_TOKENS = 16
 

@@ -1,11 +1,12 @@
-"""TextStream: tokens to client text, with stop strings that really stop (no model, no ring)."""
+"""TextStream and TokenText: tokens to client text, exact bytes, and stop strings that really
+stop (no model, no ring)."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnet.api.textstream import TextStream
+from dnet.api.textstream import TextStream, TokenText
 
 
 class FakeDetokenizer:
@@ -41,9 +42,28 @@ class FakeDetokenizer:
         return segment
 
 
-def stream_of(texts: list[str], stops: list[str], *, hold_last: bool = False) -> TextStream:
-    detokenizer = FakeDetokenizer(dict(enumerate(texts)), hold_last=hold_last)
-    return TextStream(detokenizer, stops)
+class Fed:
+    """A TextStream fed token by token from a source of text segments, as the API feeds it."""
+
+    def __init__(self, detokenizer: FakeDetokenizer, stops: list[str]) -> None:
+        self.detokenizer = detokenizer
+        self.stream = TextStream(stops)
+
+    def add(self, token: int) -> str:
+        self.detokenizer.add_token(token)
+        return self.stream.add(self.detokenizer.last_segment)
+
+    def finish(self) -> str:
+        self.detokenizer.finalize()
+        return self.stream.finish(self.detokenizer.last_segment)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stream.stopped
+
+
+def stream_of(texts: list[str], stops: list[str], *, hold_last: bool = False) -> Fed:
+    return Fed(FakeDetokenizer(dict(enumerate(texts)), hold_last=hold_last), stops)
 
 
 def run(texts: list[str], stops: list[str], *, hold_last: bool = False) -> tuple[list[str], str,
@@ -183,3 +203,41 @@ def test_streamed_text_is_the_text_before_the_first_stop(texts: list[str], stops
                                                          hold_last: bool) -> None:
     deltas, flushed, _ = run(texts, stops, hold_last=hold_last)
     assert "".join(deltas) + flushed == expected_text(texts, stops, hold_last)
+
+
+def test_the_stop_string_that_matched_is_reported() -> None:
+    stream = stream_of(["one two three"], ["three", "two"])
+    stream.add(0)
+    assert stream.stream.matched == "two"
+
+
+# ----- TokenText: each token's own bytes, decoded incrementally ----------------------------
+
+def test_token_text_keeps_the_first_tokens_leading_space() -> None:
+    pieces = {0: b" Hello", 1: b" world"}
+    text = TokenText(pieces.__getitem__)
+    assert text.add(0) + text.add(1) + text.finish() == " Hello world"
+
+
+def test_a_character_split_across_tokens_comes_with_the_token_that_completes_it() -> None:
+    raw = "é中".encode()  # 2 + 3 bytes, split 1 | 2 | 2
+    pieces = {0: raw[:1], 1: raw[1:3], 2: raw[3:]}
+    text = TokenText(pieces.__getitem__)
+    assert [text.add(0), text.add(1), text.add(2)] == ["", "é", "中"]
+    assert text.finish() == ""
+
+
+def test_a_partial_character_left_at_the_end_becomes_a_replacement_character() -> None:
+    text = TokenText({0: "中".encode()[:2]}.__getitem__)
+    assert text.add(0) == ""
+    assert text.finish() == "\ufffd"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=20), cuts=st.lists(st.integers(0, 80), max_size=8))
+def test_token_text_is_exactly_the_decoded_bytes(text: str, cuts: list[int]) -> None:
+    raw = text.encode()
+    bounds = sorted({0, len(raw), *(c % (len(raw) + 1) for c in cuts)})
+    pieces = dict(enumerate(raw[a:b] for a, b in zip(bounds, bounds[1:], strict=False)))
+    decoder = TokenText(pieces.__getitem__)
+    assert "".join(decoder.add(i) for i in pieces) + decoder.finish() == text

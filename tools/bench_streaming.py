@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import median, stream_completion  # noqa: E402
 
 from dnet.local_ring import LocalRing  # noqa: E402
+from dnet.model_facts import profile_model  # noqa: E402
 from dnet.modelgen import ModelSpec, cached_model  # noqa: E402
-from planner import profile_model  # noqa: E402
 
 
 def read_speed(files: list[Path], passes: int = 3) -> float:

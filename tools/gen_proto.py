@@ -16,7 +16,8 @@ PROTOS = sorted((REPO / "proto").glob("*.proto"))
 
 
 def generate(out_root: Path) -> list[Path]:
-    """Write dnet/proto/<name>_pb2*.py under out_root; returns the files written."""
+    """Write dnet/proto/<name>_pb2*.py (and the message stubs <name>_pb2.pyi, for the type
+    checker) under out_root; returns the files written."""
     (out_root / "dnet" / "proto").mkdir(parents=True, exist_ok=True)
     include = str(Path(protoc.__file__).parent / "_proto")
     for proto in PROTOS:
@@ -27,12 +28,13 @@ def generate(out_root: Path) -> list[Path]:
             f"-Idnet/proto={REPO / 'proto'}",
             f"-I{include}",
             f"--python_out={out_root}",
+            f"--pyi_out={out_root}",
             f"--grpc_python_out={out_root}",
             f"dnet/proto/{proto.name}",
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto}")
-    return sorted((out_root / "dnet" / "proto").glob("*_pb2*.py"))
+    return sorted((out_root / "dnet" / "proto").glob("*_pb2*.py*"))
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""The OpenAI-style HTTP API and the entry node that feeds requests into the ring."""
+"""The OpenAI-style HTTP API; the entry node behind it is `dnet.entry`."""

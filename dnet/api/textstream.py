@@ -1,57 +1,73 @@
-"""Tokens to text for the client, with stop strings that really stop.
+"""Tokens to text for the client: exact bytes, and stop strings that really stop.
 
-A stop string may span several tokens, so text that could be the start of one is held back
-until the next token settles it. The stop string itself is never returned.
+`TokenText` decodes each token's own bytes incrementally, so the returned text is exactly
+the decoded tokens (a completion's first leading space included: the prompt's text plus the
+answer's equals the decoded prompt plus answer tokens). A character split across tokens comes
+out with the token that completes it.
+
+A stop string may span several tokens, so `TextStream` holds back text that could be the
+start of one until the next token settles it. The stop string itself is never returned.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import codecs
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class TokenText:
+    """Incremental UTF-8 decoding of token bytes; invalid bytes become U+FFFD."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        """The text this token completes (empty while a character is still partial)."""
+        return self._decoder.decode(self._token_bytes(token))
+
+    def finish(self) -> str:
+        """What is left of a partial character at the end, as U+FFFD."""
+        return self._decoder.decode(b"", final=True)
 
 
 @dataclass
 class TextStream:
-    detokenizer: object  # an mlx-lm StreamingDetokenizer, one per request
     stops: list[str]
     stopped: bool = False
+    matched: str | None = None  # the stop string that ended the text
     _held: str = ""
-    token_ids: list[int] = field(default_factory=list)
 
-    def add(self, token: int) -> str:
-        """Feed one token; returns the text that is now safe to send."""
+    def add(self, segment: str) -> str:
+        """Feed more text; returns the text that is now safe to send."""
         if self.stopped:
             return ""
-        self.token_ids.append(token)
-        self.detokenizer.add_token(token)
-        return self._release(self.detokenizer.last_segment)
-
-    def finish(self) -> str:
-        """The request ended without a stop string: flush everything held back."""
-        if self.stopped:
-            return ""
-        self.detokenizer.finalize()
-        text = self._held + self.detokenizer.last_segment
-        self._held = ""
-        cut = self._first_stop(text)
-        if cut is not None:
-            self.stopped = True
-            return text[:cut]
-        return text
-
-    def _release(self, segment: str) -> str:
         text = self._held + segment
         cut = self._first_stop(text)
         if cut is not None:
-            self.stopped = True
             self._held = ""
             return text[:cut]
         keep = self._partial_stop_suffix(text)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
+    def finish(self, segment: str = "") -> str:
+        """The text ended without a stop string so far: flush what is held back."""
+        if self.stopped:
+            return ""
+        text = self._held + segment
+        self._held = ""
+        cut = self._first_stop(text)
+        return text if cut is None else text[:cut]
+
     def _first_stop(self, text: str) -> int | None:
-        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
-        return min(found) if found else None
+        found = [(i, stop) for stop in self.stops if (i := text.find(stop)) >= 0]
+        if not found:
+            return None
+        index, stop = min(found, key=lambda item: item[0])
+        self.stopped, self.matched = True, stop
+        return index
 
     def _partial_stop_suffix(self, text: str) -> int:
         """Length of the longest end of `text` that some stop string starts with."""

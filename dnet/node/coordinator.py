@@ -1,9 +1,10 @@
-"""The coordinator's job: notice membership changes, plan, and roll the plan out.
+"""The coordinator's loop: elect, decide, roll out, and wait for the next event.
 
-Every node runs this loop; only the elected one acts. It waits until the member set has been
-quiet for a moment (a burst of joins gives one re-plan), measures each device, runs the
-planner, then drives drain -> prepare -> commit on every member (dnet/node/host.py), with
-an epoch one above any seen so far.
+Every node runs it; only the elected one acts. Each round reads the member table, runs the
+election (discovery/election.py) and the coordinator's decision (dnet/node/control.py, pure,
+with the time passed in), then carries the decision out (dnet/node/rollout.py). Between
+rounds it sleeps until the decision's deadline (the end of a quiet period, a back-off) or
+until woken: by a membership change, `dnet load`, or shutdown. Nothing polls.
 """
 
 from __future__ import annotations
@@ -12,235 +13,259 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
-import grpc
-
-from discovery.election import Candidate, Debounce, elect, step
-from discovery.peers import PeerInfo
-from dnet.model_files import format_layers
+from discovery.election import RE_PLAN_QUIET_S, Candidate, elect
+from discovery.peers import PeerInfo, PeerState
+from dnet.node import control
+from dnet.node.control import (
+    ControlState,
+    Exclusion,
+    Fingerprint,
+    Member,
+    Proposal,
+    RunningPlan,
+    Target,
+    Unavailable,
+    UnavailableKind,
+    View,
+)
 from dnet.node.host import EpochHost
-from dnet.node.membership import Membership
-from dnet.plan_cli import ModelResolutionError, resolve_model_profile
-from dnet.progress import progress
+from dnet.node.rollout import CannotPlan, Deadlines, NodesFailed, Rollout, describe, make_plan
 from dnet.proto import dnet_ring_pb2 as pb
-from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.ring import auth
-from planner import DeviceProfile, InfeasiblePlanError, PlanOptions, plan_layers, to_json
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.5
-MEASURE_TIMEOUT_S = 30.0
-PREPARE_TIMEOUT_S = 900.0  # loading a large model's layers from disk takes minutes
-DEFAULT_LATENCY_MS = 1.0
+ROUND_FAILED_RETRY_S = 1.0  # after an unexpected error in a round (a bug): try again soon
+
+
+class LoadFailed(Exception):
+    """`dnet load` could not switch the cluster to the model."""
+
+
+class Members(Protocol):
+    """What the coordinator reads of dnet/node/membership.py."""
+
+    @property
+    def me(self) -> PeerInfo: ...
+
+    def healthy_states(self) -> list[PeerState]: ...
 
 
 @dataclass(frozen=True)
 class CoordinatorOptions:
     context_tokens: int = 4096
-    drain_timeout_s: float = 10.0
-    quiet_s: float = 2.0
+    quiet_s: float = RE_PLAN_QUIET_S
+    deadlines: Deadlines = field(default_factory=Deadlines)
+
+
+def member_of(info: PeerInfo) -> Member:
+    return Member(info.node_id, info.name, Fingerprint(info.started_at, info.instance,
+                                                       info.model))
+
+
+def running_of(plan: pb.PlanRequest | None) -> RunningPlan | None:
+    if plan is None:
+        return None
+    return RunningPlan(plan.epoch, plan.model, frozenset(m.node_id for m in plan.members),
+                       frozenset(m.node_id for m in plan.members if m.layers))
 
 
 class Coordinator:
-    def __init__(self, host: EpochHost, membership: Membership, *, proposed_model: str,
-                 started_at: float, options: CoordinatorOptions | None = None,
-                 stopped: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, host: EpochHost, members: Members, rollout: Rollout, *,
+                 proposed_model: str, started_at: float,
+                 options: CoordinatorOptions | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
-        self.membership = membership
+        self.members = members
+        self.rollout = rollout
         self.proposed_model = proposed_model
         self.started_at = started_at
         self.options = options or CoordinatorOptions()
         self.coordinator_id: str | None = None
         self.leads_epoch = 0
-        self.last_error = ""
-        self._explicit_model = ""
-        self._debounce = Debounce()
-        self._failures = 0
-        self._retry_at = 0.0
-        self._stopped = stopped
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="control")
-        self._replan_lock = threading.Lock()
+        self._clock = clock
+        self._state = ControlState()
+        self._running: pb.PlanRequest | None = None  # the last plan this node committed
+        self._loaded = ""  # the model of the last `dnet load`
+        self._load_verdict: Unavailable | None = None  # why that model cannot run, if known
+        self._lock = threading.Condition()  # guards the fields above; notified per outcome
+        self._wake = threading.Event()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+
+    # ----- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            self._lock.notify_all()
+
+    def wake(self) -> None:
+        """Something changed (members, health, a load): decide again now."""
+        self._wake.set()
 
     @property
     def is_me(self) -> bool:
         return self.coordinator_id == self.host.node_id
 
-    # ----- the loop ----------------------------------------------------------------------
-
     def _run(self) -> None:
-        while not self._stopped():
+        while not self._stop.is_set():
+            self._wake.clear()
             try:
-                self.tick()
+                until = self.step()
             except Exception:  # the loop must outlive any one bad round
                 log.exception("coordinator round failed")
-            time.sleep(TICK_S)
+                until = self._clock() + ROUND_FAILED_RETRY_S
+            timeout = None if until is None else max(0.0, until - self._clock())
+            self._wake.wait(timeout)
 
-    def tick(self) -> None:
-        states = self.membership.healthy_states()
+    # ----- one round --------------------------------------------------------------------
+
+    def step(self) -> float | None:
+        """Elect, decide and act once; returns when to decide again (None: on a change)."""
+        states = self.members.healthy_states()
         me = Candidate(self.host.node_id, self.started_at, self._my_leads_epoch())
         coordinator = elect([me, *states])
         if coordinator != self.coordinator_id:
-            name = "this node" if coordinator == self.host.node_id else coordinator
-            log.info("coordinator: %s", name)
+            log.info("coordinator: %s", "this node" if coordinator == self.host.node_id
+                     else coordinator)
             self.coordinator_id = coordinator
-            self._debounce = Debounce()
         if not self.is_me:
-            return
-        infos = [self.membership.me, *(s.info for s in states)]
-        model = self.desired_model(infos)
-        if not model:
-            return
-        members = frozenset(info.node_id for info in infos) | {f"model={model}"}
-        changed = members != self._debounce.pending
-        self._debounce, fire = step(self._debounce, members, time.monotonic(),
-                                    self.options.quiet_s)
-        if changed:
-            self._retry_at = 0.0  # new members: no need to wait out a back-off
-        if time.monotonic() < self._retry_at:
-            self._debounce = Debounce(pending=self._debounce.pending,
-                                      changed_at=self._debounce.changed_at)
-            return
-        if fire and not self._plan_is_current(infos, model):
-            self.replan(infos, model, [s.epoch for s in states])
+            return None
+        infos = [self.members.me, *(s.info for s in states)]
+        view = self._view(infos)
+        now = self._clock()
+        with self._lock:
+            state, action = control.decide(self._state, view, now, self.options.quiet_s)
+            self._state = state
+        if isinstance(action, control.Wait):
+            return action.until
+        self._replan(action.target, infos, [s.epoch for s in states])
+        return self._clock()
+
+    def _view(self, infos: list[PeerInfo]) -> View:
+        running = self.running()
+        with self._lock:
+            loaded = self._loaded
+        model = control.desired_model(
+            loaded, running.model if running else "", self.proposed_model,
+            [Proposal(i.node_id, i.started_at, i.model) for i in infos])
+        return View(tuple(member_of(i) for i in infos), model, running_of(running))
+
+    def _replan(self, target: Target, infos: list[PeerInfo], seen_epochs: list[int]) -> None:
+        peers = [info for info in infos if info.node_id in target.members]
+        members = [member_of(info) for info in infos]
+        running = self.running()
+        epoch = max([self.host.epoch, self.leads_epoch, *seen_epochs,
+                     running.epoch if running else 0]) + 1
+        try:
+            devices = self.rollout.measure(peers, target.model)
+            plan = make_plan(peers, devices, model=target.model, epoch=epoch,
+                             coordinator=self.host.node_id,
+                             context_tokens=self.options.context_tokens, running=running)
+            log.info("epoch %d: rolling out %s over %d node(s): %s", epoch, target.model,
+                     len(peers), describe(plan))
+            self.rollout.run(plan, peers, running)
+        except NodesFailed as exc:
+            failures = exc.failures
+            names = {info.node_id: info.name for info in infos}
+            for failure in failures:
+                log.warning("excluding %s (%s) from planning: %s: %s",
+                            names.get(failure.node_id, "?"), failure.node_id,
+                            failure.kind.value, failure.message)
+            self._record(lambda s: control.record_failures(s, failures, members,
+                                                           self._clock()), infos)
+        except CannotPlan as exc:
+            message = str(exc)
+            with self._lock:
+                repeated = self._state.cannot_plan == message
+            if not repeated:
+                log.error("%s", message)
+            self._record(lambda s: control.record_plan_failure(s, target, message,
+                                                               self._clock()), infos)
+        else:
+            with self._lock:
+                self._running = plan
+                self.leads_epoch = epoch
+            log.info("epoch %d is live", epoch)
+            self._record(lambda s: control.record_commit(s, target), infos)
+
+    def _record(self, change: Callable[[ControlState], ControlState],
+                infos: list[PeerInfo]) -> None:
+        with self._lock:
+            self._state = change(self._state)
+            loaded, running = self._loaded, self._running
+            if loaded and not (running is not None and running.model == loaded):
+                view = View(tuple(member_of(i) for i in infos), loaded, None)
+                verdict = control.unavailable(self._state, view, self._clock())
+                if verdict is not None and verdict.kind in (UnavailableKind.CANNOT_PLAN,
+                                                            UnavailableKind.NO_NODE):
+                    self._load_verdict = verdict
+            self._lock.notify_all()
+
+    # ----- what the node asks -----------------------------------------------------------
+
+    def running(self) -> pb.PlanRequest | None:
+        """The plan the mesh runs, as far as this node knows (it need not be a member)."""
+        with self._lock:
+            mine = self._running
+        plan = self.host.plan
+        if mine is not None and (plan is None or mine.epoch >= plan.epoch):
+            return mine
+        return plan
+
+    def unavailable(self, infos: list[PeerInfo]) -> Unavailable | None:
+        """Why no ring can serve now (this node being the coordinator), or None."""
+        view = self._view(infos)
+        with self._lock:
+            return control.unavailable(self._state, view, self._clock())
+
+    def exclusions(self) -> dict[str, Exclusion]:
+        with self._lock:
+            return dict(self._state.exclusions)
+
+    def retry_in_s(self, exclusion: Exclusion) -> float:
+        return max(0.0, exclusion.retry_at - self._clock())
+
+    def load_model(self, model: str, timeout_s: float) -> None:
+        """Switch the cluster to `model` (this node being the coordinator) and wait until it
+        is committed. Raises LoadFailed when no node can run it, no plan fits, or time runs
+        out; the cluster then keeps its previous model."""
+        deadline = self._clock() + timeout_s
+        with self._lock:
+            previous = self._loaded
+            self._loaded = model
+            self._load_verdict = None
+            self._state = control.forget_failures(self._state)
+        self.wake()
+        with self._lock:
+            while not self._stop.is_set():
+                running = self._running
+                if running is not None and running.model == model:
+                    return
+                if self._load_verdict is not None:
+                    message = self._load_verdict.message
+                    break
+                left = deadline - self._clock()
+                if left <= 0:
+                    message = f"loading {model} did not finish within {timeout_s:.0f} s"
+                    break
+                self._lock.wait(left)
+            else:
+                message = "this node is shutting down"
+            self._loaded = previous
+            self._state = control.forget_failures(self._state)
+        self.wake()
+        raise LoadFailed(message)
 
     def _my_leads_epoch(self) -> int:
+        if self.leads_epoch:
+            return self.leads_epoch
         plan = self.host.plan
         return plan.epoch if plan is not None and plan.coordinator == self.host.node_id else 0
-
-    def _plan_is_current(self, infos: list[PeerInfo], model: str) -> bool:
-        plan = self.host.plan
-        return (plan is not None and plan.model == model and not self.last_error
-                and {m.node_id for m in plan.members} == {i.node_id for i in infos})
-
-    def desired_model(self, infos: list[PeerInfo]) -> str:
-        """The cluster's model: the last one loaded explicitly; else the current plan's; else
-        this node's --model; else that of the most senior node that proposes one."""
-        if self._explicit_model:
-            return self._explicit_model
-        if self.host.plan is not None:
-            return self.host.plan.model
-        if self.proposed_model:
-            return self.proposed_model
-        proposals = sorted((i.started_at, i.node_id, i.model) for i in infos if i.model)
-        return proposals[0][2] if proposals else ""
-
-    def load_model(self, model: str, timeout_s: float = PREPARE_TIMEOUT_S) -> str:
-        """Switch the cluster's model; returns "" when committed, else the error."""
-        self._explicit_model = model
-        self.last_error = ""
-        self._retry_at = 0.0
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            plan = self.host.plan
-            if plan is not None and plan.model == model:
-                return ""
-            if self.last_error:
-                return self.last_error
-            time.sleep(0.2)
-        return f"loading {model} did not finish within {timeout_s:.0f} s"
-
-    # ----- one re-plan -------------------------------------------------------------------
-
-    def replan(self, infos: list[PeerInfo], model: str, seen_epochs: list[int]) -> None:
-        with self._replan_lock:
-            epoch = max([self.host.epoch, self.leads_epoch, *seen_epochs]) + 1
-            try:
-                request = self._plan(infos, model, epoch)
-            except (ModelResolutionError, InfeasiblePlanError, ValueError) as exc:
-                self._failed(f"cannot plan {model}: {exc}")
-                return
-            self._roll_out(request, infos)
-
-    def _plan(self, infos: list[PeerInfo], model: str, epoch: int) -> pb.PlanRequest:
-        profile = resolve_model_profile(model)
-        devices = self._measure(infos)
-        plan = plan_layers(profile, devices, PlanOptions(
-            context_tokens=self.options.context_tokens, reserve_bytes=0))
-        by_id = {info.node_id: info for info in infos}
-        placed = {member.id: member for member in plan.devices}
-        order = list(plan.ring) + sorted(set(by_id) - set(plan.ring))
-        members = [pb.PlanMember(
-            node_id=node_id, name=by_id[node_id].name, grpc_address=by_id[node_id].grpc_address,
-            http_port=by_id[node_id].http_port,
-            layers=list(placed[node_id].layers) if node_id in placed else [],
-            window=placed[node_id].window if node_id in placed else 0,
-        ) for node_id in order]
-        for line in plan.explanation:
-            log.info("plan: %s", line)
-        return pb.PlanRequest(epoch=epoch, model=model, coordinator=self.host.node_id,
-                              members=members, plan_json=to_json(plan))
-
-    def _measure(self, infos: list[PeerInfo]) -> list[DeviceProfile]:
-        futures = [self._pool.submit(self._call_one, info, lambda stub: stub.Measure(
-            pb.MeasureRequest(), timeout=MEASURE_TIMEOUT_S)) for info in infos]
-        for _ in progress(as_completed(futures), f"measuring {len(infos)} device(s)",
-                          total=len(futures)):
-            pass
-        replies = [future.result() for future in futures]
-        devices = []
-        for info, reply in zip(infos, replies, strict=True):
-            if isinstance(reply, Exception):
-                raise ValueError(f"could not measure {info.name}: {reply}")
-            peer_latency = dict(reply.peer_latency_ms)
-            default = (sum(peer_latency.values()) / len(peer_latency) if peer_latency
-                       else DEFAULT_LATENCY_MS)
-            devices.append(DeviceProfile(
-                id=info.node_id, memory_budget_bytes=int(reply.memory_budget_bytes),
-                flops=reply.flops, disk_read_bytes_per_s=reply.disk_read_bytes_per_s,
-                latency_ms=default, peer_latency_ms=peer_latency))
-        return devices
-
-    def _roll_out(self, request: pb.PlanRequest, infos: list[PeerInfo]) -> None:
-        summary = ", ".join(f"{m.name}: {format_layers(m.layers) or 'entry only'}"
-                            for m in request.members)
-        log.info("epoch %d: rolling out %s over %d node(s): %s", request.epoch, request.model,
-                 len(infos), summary)
-        drain = pb.DrainRequest(epoch=request.epoch, timeout_s=self.options.drain_timeout_s)
-        self._call_all(infos, lambda stub: stub.Drain(
-            drain, timeout=self.options.drain_timeout_s + 10))
-        replies = self._call_all(infos, lambda stub: stub.Prepare(
-            request, timeout=PREPARE_TIMEOUT_S))
-        errors = [f"{info.name}: {reply if isinstance(reply, Exception) else reply.error}"
-                  for info, reply in zip(infos, replies, strict=True)
-                  if isinstance(reply, Exception) or not reply.ok]
-        if errors:
-            self._failed(f"epoch {request.epoch} not committed; " + "; ".join(errors))
-            return
-        commits = self._call_all(infos, lambda stub: stub.Commit(
-            pb.CommitRequest(epoch=request.epoch), timeout=10))
-        failed = [info.name for info, reply in zip(infos, commits, strict=True)
-                  if isinstance(reply, Exception)]
-        if failed:
-            self._failed(f"epoch {request.epoch}: commit failed on {', '.join(failed)}")
-            return
-        self.leads_epoch = request.epoch
-        self.last_error = ""
-        self._failures = 0
-        log.info("epoch %d is live", request.epoch)
-
-    def _failed(self, message: str) -> None:
-        if message != self.last_error:
-            log.error("%s", message)
-        self.last_error = message
-        # Try again after a back-off, or at once when the members change (a new debounce).
-        self._retry_at = time.monotonic() + min(30.0, 2.0 * 2 ** self._failures)
-        self._failures += 1
-        self._debounce = Debounce()
-
-    def _call_all(self, infos: list[PeerInfo], call: Callable) -> list:
-        return list(self._pool.map(lambda info: self._call_one(info, call), infos))
-
-    @staticmethod
-    def _call_one(info: PeerInfo, call: Callable):
-        with auth.channel(info.grpc_address) as channel:
-            try:
-                return call(pb_grpc.ControlStub(channel))
-            except grpc.RpcError as exc:
-                return exc

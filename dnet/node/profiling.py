@@ -1,14 +1,13 @@
 """What a device can give the ring: compute speed, disk read speed and a memory budget.
 
 The planner consumes these numbers (planner.DeviceProfile); measuring needs MLX, so it
-lives here.
+lives here, apart from what needs no MLX (byte sizes: dnet/node/sizes.py).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 import tempfile
 import time
@@ -17,29 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import psutil
 
-GIB = 1 << 30
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "t": 1e12, "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
-          "tib": 1 << 40, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'8GB' -> 8e9, '512MB' -> 512e6, '2GiB' -> 2*2**30, '1000' -> 1000 bytes."""
-    match = _SIZE.match(text)
-    unit = (match.group(2) or "").lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (try 8GB, 512MB or 2GiB)")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def format_bytes(value: int | None) -> str:
-    """1536 -> '1.5 KiB', for people."""
-    value = value or 0
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value} B"
+from planner.devices import GIB
 
 
 def default_memory_budget() -> int:

@@ -1,4 +1,8 @@
-"""A mesh node's gRPC services: the ring (its shard and its entry's token sink) and control."""
+"""A mesh node's gRPC services: the ring (its shard and its entry's token sink) and control.
+
+This is the gRPC edge of dnet/node/host.py and node.py: requests in, typed errors turned into
+replies or statuses here, nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from dnet import __version__
+from dnet.node.control import FailureKind
+from dnet.node.coordinator import LoadFailed
+from dnet.node.host import NotPrepared, PrepareError
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from dnet.shard.service import ShardService
@@ -33,14 +40,15 @@ class NodeRingService(ShardService):
         return iter(())
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        host = self.node.host
+        node = self.node
+        host = node.host
         runtime = host.runtime
-        reply = pb.HealthReply(
+        reply = node.coordinator_word()
+        reply.MergeFrom(pb.HealthReply(
             role="node", model=host.plan.model if host.plan else "", version=__version__,
-            node_id=self.node.node_id, epoch=host.epoch,
-            leads_epoch=self.node.leads_epoch(),
+            node_id=node.node_id, epoch=host.epoch, leads_epoch=node.leads_epoch(),
             active_requests=runtime.active_requests if runtime else 0,
-        )
+        ))
         if runtime is not None and runtime.ready:
             reply.layers.extend(runtime.stage.layers)
             reply.num_layers = runtime.stage.num_layers
@@ -55,9 +63,10 @@ class ControlService(pb_grpc.ControlServicer):
 
     def Measure(self, request: pb.MeasureRequest,
                 context: grpc.ServicerContext) -> pb.DeviceInfo:
-        info = self.node.device_info()
+        remaining = context.time_remaining()
+        info = self.node.device_info(request.model, timeout_s=remaining or 30.0)
         if info is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "still measuring this device")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this device could not be measured")
         return info
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.Empty:
@@ -68,16 +77,24 @@ class ControlService(pb_grpc.ControlServicer):
                 context: grpc.ServicerContext) -> pb.PrepareReply:
         try:
             self.node.host.prepare(request)
-        except Exception as exc:  # any load failure goes back to the coordinator, named
-            log.exception("could not prepare epoch %d", request.epoch)
-            return pb.PrepareReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+        except PrepareError as exc:
+            return pb.PrepareReply(ok=False, error=exc.message,
+                                   failure=pb.FailureKind.Value(exc.kind.name))
         return pb.PrepareReply(ok=True)
 
     def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.Empty:
         try:
             self.node.host.commit(request.epoch)
-        except ValueError as exc:
+        except NotPrepared as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except PrepareError as exc:
+            code = (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.kind is FailureKind.OUT_OF_MEMORY
+                    else grpc.StatusCode.FAILED_PRECONDITION)
+            context.abort(code, exc.message)
+        return pb.Empty()
+
+    def Abort(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self.node.host.abort(request.epoch)
         return pb.Empty()
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.NodeStatus:
@@ -85,5 +102,9 @@ class ControlService(pb_grpc.ControlServicer):
 
     def LoadModel(self, request: pb.LoadModelRequest,
                   context: grpc.ServicerContext) -> pb.PrepareReply:
-        error = self.node.load_model(request.model)
-        return pb.PrepareReply(ok=not error, error=error)
+        try:
+            self.node.load_model(request.model)
+        except LoadFailed as exc:
+            return pb.PrepareReply(ok=False, error=str(exc),
+                                   failure=pb.LOAD_ERROR)
+        return pb.PrepareReply(ok=True)

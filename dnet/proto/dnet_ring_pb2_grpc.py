@@ -302,6 +302,11 @@ class ControlStub:
                 request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.SerializeToString,
                 response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/dnet.ring.v1.Control/Abort',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/dnet.ring.v1.Control/Status',
                 request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.StatusRequest.SerializeToString,
@@ -331,14 +336,24 @@ class ControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prepare(self, request, context):
-        """Load the layers of a new plan; answers once they are loaded.
+        """Get ready for a new plan while the running ring keeps serving: fetch and check what the
+        node's layers need, and load them unless the node holds layers of the running ring
+        (then they load at Commit, after the drain, so both sets are never resident at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Every member is ready: switch to the new plan's ring.
+        """Every member is ready: switch to the new plan's ring. A load deferred to this point
+        that fails answers RESOURCE_EXHAUSTED (out of memory) or FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Another member failed to prepare: drop what was prepared for this epoch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -377,6 +392,11 @@ def add_ControlServicer_to_server(servicer, server):
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
                     request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.FromString,
                     response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.SerializeToString,
             ),
@@ -497,6 +517,33 @@ class Control:
             request,
             target,
             '/dnet.ring.v1.Control/Commit',
+            dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.Control/Abort',
             dnet_dot_proto_dot_dnet__ring__pb2.CommitRequest.SerializeToString,
             dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
             options,

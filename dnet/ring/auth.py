@@ -6,6 +6,8 @@ without a valid MAC, outside a clock window, or reusing a nonce it has seen, so 
 call cannot be replayed; it logs each refusal with the caller's address. Streams are
 authenticated when they open. Without a key, calls carry nothing and anyone on the network
 can join, as the seed's design allows. The MAC authenticates; it does not encrypt.
+Refusals are logged once per caller, method and kind, then at most once a minute with a count
+(a peer with a skewed clock calls every second).
 
 A process has one cluster key: `configure(key)` at start-up, then `channel(address)` and
 `server_interceptors()` wherever channels and servers are made.
@@ -21,15 +23,35 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import grpc
+
+from dnet.ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
 
 MAX_CLOCK_SKEW_S = 30.0
 _TS, _NONCE, _MAC = "x-dnet-ts", "x-dnet-nonce", "x-dnet-mac"
 _DOMAIN = b"dnet/grpc-auth/v1\0"
+
+
+class RefusalKind(Enum):
+    NO_SIGNATURE = "no cluster-key signature"
+    BAD_SIGNATURE = "bad cluster-key signature"
+    BAD_TIMESTAMP = "bad timestamp"
+    CLOCK_SKEW = "clock skew"
+    REPLAYED = "replayed call"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call is refused: its kind, and the words for the log and the caller."""
+
+    kind: RefusalKind
+    message: str
 
 
 class ClusterAuth:
@@ -47,42 +69,58 @@ class ClusterAuth:
         ts, nonce = str(int(time.time() * 1000)), secrets.token_hex(16)
         return [(_TS, ts), (_NONCE, nonce), (_MAC, self._mac(method, ts, nonce))]
 
-    def verify(self, method: str, metadata: tuple[tuple[str, Any], ...]) -> str | None:
+    def verify(self, method: str, metadata: tuple[tuple[str, Any], ...]) -> Refusal | None:
         """None when the call is authentic, else why not."""
         values = {key: value for key, value in metadata if key in (_TS, _NONCE, _MAC)}
         if len(values) != 3:
-            return "no cluster-key signature"
+            return _refusal(RefusalKind.NO_SIGNATURE)
         ts, nonce, mac = values[_TS], values[_NONCE], values[_MAC]
         if not hmac.compare_digest(self._mac(method, ts, nonce), mac):
-            return "bad cluster-key signature"
+            return _refusal(RefusalKind.BAD_SIGNATURE)
         try:
             age = time.time() - int(ts) / 1000
         except ValueError:
-            return "bad timestamp"
+            return _refusal(RefusalKind.BAD_TIMESTAMP)
         if abs(age) > MAX_CLOCK_SKEW_S:
-            return f"timestamp {age:+.0f} s off (clocks must agree within {MAX_CLOCK_SKEW_S} s)"
+            side = "behind" if age > 0 else "ahead of"
+            return Refusal(RefusalKind.CLOCK_SKEW,
+                           f"the caller's clock is {abs(age):.0f} s {side} this node's "
+                           f"(clocks must agree within {MAX_CLOCK_SKEW_S:.0f} s)")
         with self._lock:
             now = time.monotonic()
             while self._order and self._order[0][0] < now:
                 self._seen.pop(self._order.popleft()[1], None)
             if nonce in self._seen:
-                return "replayed call"
+                return _refusal(RefusalKind.REPLAYED)
             expiry = now + 2 * MAX_CLOCK_SKEW_S
             self._seen[nonce] = expiry
             self._order.append((expiry, nonce))
         return None
 
 
+def _refusal(kind: RefusalKind) -> Refusal:
+    return Refusal(kind, kind.value)
+
+
 _auth: ClusterAuth | None = None
 
 
+_key: str | None = None
+
+
 def configure(key: str | None) -> None:
-    global _auth
+    global _auth, _key
     _auth = ClusterAuth(key) if key else None
+    _key = key or None
 
 
 def enabled() -> bool:
     return _auth is not None
+
+
+def key() -> str | None:
+    """The cluster key this process was configured with (None without one)."""
+    return _key
 
 
 # ----- client side ---------------------------------------------------------------------------
@@ -130,20 +168,28 @@ def channel(address: str, options: list | None = None) -> grpc.Channel:
 # ----- server side ---------------------------------------------------------------------------
 
 
+def peer_host(peer: str) -> str:
+    """The caller without its (ephemeral) port: 'ipv4:10.0.0.5:53211' -> 'ipv4:10.0.0.5'."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
 class _Checker(grpc.ServerInterceptor):
     def __init__(self, auth: ClusterAuth) -> None:
         self._auth = auth
+        self._refusals = LogLimiter(log)
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = continuation(details)
-        error = self._auth.verify(details.method, details.invocation_metadata)
-        if error is None or handler is None:
+        refusal = self._auth.verify(details.method, details.invocation_metadata)
+        if refusal is None or handler is None:
             return handler
 
         def refuse(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-            log.warning("refused %s from %s: %s", details.method, context.peer(), error)
+            caller = peer_host(context.peer())
+            self._refusals.warning((details.method, caller, refusal.kind), "refused %s from %s: %s",
+                                   details.method, caller, refusal.message)
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"{error}: this node needs the cluster key")
+                          f"{refusal.message}: this node needs the cluster key")
 
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,

@@ -1,10 +1,14 @@
-"""A stage's batch caches: the KV caches of the requests that travel in one train.
+"""A stage's batch caches: the caches of the requests that travel in one train.
 
 A request starts with caches of its own (prefill runs one request at a time). When a batched
 frame names it as a member of a train, its caches are merged into that train's batch caches
-(mlx-lm's BatchKVCache, padded on the left, one row per member); members that left are
-filtered out. On MLX's CPU backend a batched decode step gives bit-for-bit the logits of
-single steps (tests/test_batching.py checks it), so batching keeps the tokens identical.
+(mlx-lm's batch form of each cache type: BatchKVCache padded on the left, ArraysCache with one
+row per member); members that left are filtered out. For these types a batched decode step
+gives bit for bit the logits of single steps (tests/test_batching.py checks it for every
+model type), so batching keeps the tokens identical. Not so for sliding-window caches: a
+BatchRotatingKVCache holds its members' keys in rotated order when their lengths straddle
+the window, which moves the last bits of the logits, so models with sliding windows decode
+one request per frame (`batchable`), never wrong.
 """
 
 from __future__ import annotations
@@ -12,8 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache, KVCache
 
 from dnet.stage import Cache
+
+# Cache types whose batch caches reproduce single steps exactly.
+EXACT_BATCH_CACHES = (KVCache, ArraysCache)
+
+
+def batchable(cache_templates: list[Cache | None]) -> bool:
+    """Whether a model's requests may share batched decode steps without changing a bit."""
+    return all(type(cache) in EXACT_BATCH_CACHES for cache in cache_templates
+               if cache is not None)
 
 
 @dataclass

@@ -23,9 +23,14 @@ class RouteError(ConnectionError):
 
 
 class Router(Protocol):
-    def address_for(self, layer: int, frame: pb.Frame) -> str: ...
+    def address_for(self, layer: int, head: str) -> str:
+        """The address of the shard that runs `layer` next, for a request whose head shard
+        (the holder of layer 0) is `head`; raises RouteError when there is none."""
+        ...
 
-    def forget(self, address: str) -> None: ...
+    def forget(self, address: str) -> None:
+        """The link to `address` broke: re-resolve it next time."""
+        ...
 
 
 class ManualRouter:
@@ -42,16 +47,16 @@ class ManualRouter:
         self._next_is_shard: bool | None = None
         self._lock = threading.Lock()
 
-    def address_for(self, layer: int, frame: pb.Frame) -> str:
+    def address_for(self, layer: int, head: str) -> str:
         with self._lock:
             if self._next_is_shard is None:
                 self._next_is_shard = self._probe()
             next_is_shard = self._next_is_shard
         if next_is_shard:
             return self.next_address
-        if not frame.head:
+        if not head:
             raise RouteError("the frame names no head shard to close the ring with")
-        return frame.head
+        return head
 
     def forget(self, address: str) -> None:
         if address == self.next_address:
@@ -88,7 +93,7 @@ class MeshRouter:
     def __init__(self, owners: dict[int, str]) -> None:
         self.owners = owners
 
-    def address_for(self, layer: int, frame: pb.Frame) -> str:
+    def address_for(self, layer: int, head: str) -> str:
         address = self.owners.get(layer)
         if address is None:
             raise RouteError(f"the plan assigns layer {layer} to no node")

@@ -12,15 +12,23 @@ import grpc
 from dnet import __version__
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring.frames import FrameRejected, Status
 from dnet.ring.links import start_server
 from dnet.shard.router import ManualRouter
-from dnet.shard.runtime import FrameRejected, ShardRuntime
+from dnet.shard.runtime import ShardRuntime
 from dnet.stage import Stage
 
 log = logging.getLogger(__name__)
 
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+NO_LAYERS = "this node holds no layers in the current plan"
 
-class ShardService(pb_grpc.RingServicer):
+
+def grpc_code(status: Status) -> grpc.StatusCode:
+    return _GRPC_CODES[int(status)]
+
+
+class ShardService(pb_grpc.RingServicer):  # type: ignore[misc]  # generated untyped
     """Frames and releases go to the shard's runtime; a mesh node swaps runtimes per plan."""
 
     def __init__(self, runtime: ShardRuntime | Callable[[], ShardRuntime | None]) -> None:
@@ -33,15 +41,14 @@ class ShardService(pb_grpc.RingServicer):
     def _accept(self, frame: pb.Frame) -> None:
         runtime = self.runtime
         if runtime is None:
-            raise FrameRejected(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this node holds no layers in the current plan")
+            raise FrameRejected(Status.FAILED_PRECONDITION, NO_LAYERS)
         runtime.accept(frame)
 
     def Forward(self, request: pb.Frame, context: grpc.ServicerContext) -> pb.Empty:
         try:
             self._accept(request)
         except FrameRejected as exc:
-            context.abort(exc.code, exc.message)
+            context.abort(grpc_code(exc.code), exc.message)
         return pb.Empty()
 
     def Frames(self, request_iterator: Iterator[pb.Frame],
@@ -52,22 +59,26 @@ class ShardService(pb_grpc.RingServicer):
             except FrameRejected as exc:
                 log.warning("rejected a frame of %s from %s: %s",
                             frame.request_id, context.peer(), exc.message)
-                yield pb.FrameStatus(request_id=frame.request_id, code=exc.code.value[0],
+                yield pb.FrameStatus(request_id=frame.request_id, code=int(exc.code),
                                      message=exc.message)
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Empty:
         runtime = self.runtime
         if runtime is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "this node holds no layers in the current plan")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_LAYERS)
+            return pb.Empty()  # not reached: abort raises
         runtime.release(request.request_id, request.propagate)
         return pb.Empty()
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        stage = self.runtime.stage
+        runtime = self.runtime
+        if runtime is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_LAYERS)
+            return pb.HealthReply()  # not reached: abort raises
+        stage = runtime.stage
         return pb.HealthReply(
-            role="shard", model=self.runtime.model_name, layers=stage.layers,
-            num_layers=stage.num_layers, active_requests=self.runtime.active_requests,
+            role="shard", model=runtime.model_name, layers=stage.layers,
+            num_layers=stage.num_layers, active_requests=runtime.active_requests,
             version=__version__, hidden_size=stage.hidden_size, window=stage.window,
         )
 

@@ -8,12 +8,17 @@ otherwise it waits at the tail (at most one ring cycle) and boards the next trai
 passes. A train that has been a batch stays one until it empties, so its members' KV caches
 stay in one batch cache on every stage.
 
-Pure data logic: no MLX, no networking.
+A lone request's train has the request's own id, and its steps travel as request steps
+(its KV caches stay its own); a batched train gets a fresh id when it forms, and its steps
+travel as train steps (see `dnet.ring.frames`).
+
+Pure data logic: no MLX, no networking; train ids come from `new_id`.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_BATCH = 32
@@ -28,13 +33,30 @@ class Dispatch:
     batched: bool  # a batch frame (group caches on every stage) rather than a single frame
 
 
+def _random_id() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass
 class TrainScheduler:
-    max_trains: int = 1
+    max_trains: int = 1  # one per stage of the ring, learned from the first frames' routes
     max_batch: int = DEFAULT_MAX_BATCH
     trains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     batched: set[str] = field(default_factory=set)
     waiting: list[str] = field(default_factory=list)
+    new_id: Callable[[], str] = field(default_factory=lambda: _random_id)
+
+    def running(self, train_id: str) -> bool:
+        """Whether `train_id` is a train on its way round the ring."""
+        return train_id in self.trains
+
+    def count_stages(self, stages: int) -> None:
+        """The ring has at least `stages` stages: allow that many trains at once."""
+        self.max_trains = max(self.max_trains, stages)
+
+    def reset_stages(self) -> None:
+        """A new ring: relearn its number of stages from its frames."""
+        self.max_trains = 1
 
     def ready(self, request_id: str) -> list[Dispatch]:
         """A request's first token is out: start a train, or wait for one to pass."""
@@ -59,10 +81,10 @@ class TrainScheduler:
             return [Dispatch(members[0], members, batched=False)]
         # A single request keeps its own id as a train; a batch gets a fresh id whenever it
         # forms, so every stage builds its batch cache for it once.
-        new_id = train_id if was_batched else uuid.uuid4().hex
-        self.trains[new_id] = members
-        self.batched.add(new_id)
-        return [Dispatch(new_id, members, batched=True)]
+        batch_id = train_id if was_batched else self.new_id()
+        self.trains[batch_id] = members
+        self.batched.add(batch_id)
+        return [Dispatch(batch_id, members, batched=True)]
 
     def forget(self, request_id: str) -> None:
         """The request ended outside a step (released, failed): it boards nothing."""

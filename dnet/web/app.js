@@ -280,13 +280,24 @@ function nodeBadges(t, node) {
   const out = [];
   if (node.coordinator) out.push(badge("★ coordinator", "coord"));
   if (node.id === t.this_node) out.push(badge("this node", "you"));
-  if (!t.ring.includes(node.id)) out.push(badge("entry only", "entry"));
+  if (node.excluded) {
+    const excluded = badge(`excluded: ${node.excluded.failure}`, "bad excluded");
+    excluded.title = node.excluded.reason;
+    out.push(excluded);
+  } else if (!t.ring.includes(node.id)) out.push(badge("entry only", "entry"));
   if (!node.healthy) out.push(badge("unhealthy", "bad"));
   return out;
 }
 
+/** Why the coordinator left a node out of planning, and when it tries again. */
+function exclusionText(node) {
+  const e = node.excluded;
+  const retry = e.retry_in_s > 0 ? `next try in ${Math.round(e.retry_in_s)} s` : "retrying";
+  return `${e.failure}: ${e.reason} (failed ${e.failures}×; ${retry}, or when it changes)`;
+}
+
 function showEntryOnly(t) {
-  const others = t.nodes.filter((n) => !t.ring.includes(n.id));
+  const others = t.nodes.filter((n) => !t.ring.includes(n.id) && !n.excluded);
   $("entry-only").hidden = others.length === 0;
   $("entry-list").replaceChildren(...others.map((n) => {
     const li = document.createElement("li");
@@ -338,6 +349,12 @@ function showNodes(t) {
     name.className = "name";
     name.append(node.name, " ", ...nodeBadges(t, node));
     name.title = node.id;
+    if (node.excluded) {
+      const why = document.createElement("div");
+      why.className = "exclusion";
+      why.textContent = exclusionText(node);
+      name.append(why);
+    }
     cell(row, name);
     cell(row, `${node.address}:${node.http_port}`, "muted");
     cell(row, layerRanges(node.layers) || "–");
@@ -380,8 +397,13 @@ function showPerf(t) {
     li.textContent = line;
     return li;
   }));
-  $("last-error").hidden = !t.last_error;
-  $("last-error").textContent = t.last_error ? `Last error: ${t.last_error}` : "";
+  $("last-error").hidden = !t.unavailable;
+  $("last-error").textContent = t.unavailable ? `No ring can serve: ${t.unavailable}` : "";
+  const others = t.other_clusters || [];
+  $("other-clusters").hidden = others.length === 0;
+  $("other-clusters").textContent = others.length ? "Another dnet cluster (a different "
+    + `--cluster-key) is on the network: ${others.map((o) => o.seen).join(", ")}; its nodes `
+    + "are ignored." : "";
 }
 
 // ---- Chat ---------------------------------------------------------------------------------

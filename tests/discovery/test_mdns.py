@@ -198,10 +198,12 @@ def test_open_zeroconf_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mdns, "Zeroconf", lambda **kwargs: calls.append(kwargs) or kwargs)
     open_zeroconf(None)
     open_zeroconf("10.0.0.5")
+    open_zeroconf("localhost")  # a host name is looked up (issue 14: names are accepted)
     assert calls == [
         {"interfaces": InterfaceChoice.All, "ip_version": IPVersion.V4Only},
         {"interfaces": ["10.0.0.5"], "ip_version": IPVersion.V4Only},
+        {"interfaces": ["127.0.0.1"], "ip_version": IPVersion.V4Only},
     ]
-    for bad in ["localhost", "::1", "300.1.1.1"]:
+    for bad in ["::1", "300.1.1.1", "no-such-host.invalid"]:
         with pytest.raises(ValueError):
             open_zeroconf(bad)

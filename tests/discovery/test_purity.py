@@ -10,7 +10,7 @@ import pytest
 from tests.purity import imported_roots
 
 DISCOVERY_DIR = Path(__file__).resolve().parents[2] / "discovery"
-PURE_MODULES = ["identity.py", "peers.py", "election.py", "txt.py"]
+PURE_MODULES = ["identity.py", "peers.py", "election.py", "txt.py", "addresses.py"]
 FORBIDDEN = {
     "asyncio",
     "grpc",

@@ -17,7 +17,6 @@ from discovery.txt import (
     TXT_VERSION,
     decode_txt,
     encode_txt,
-    first_ipv4,
     truncate_utf8,
 )
 from tests.discovery.strategies import FAST, peer_info, peer_infos
@@ -118,7 +117,8 @@ def test_address_and_port_come_from_the_resolved_record() -> None:
     assert decode_txt(props, ["10.1.2.3"], 0, "i") is None
     assert decode_txt(props, ["10.1.2.3"], None, "i") is None  # type: ignore[arg-type]
     assert decode_txt(props, ["10.1.2.3"], 7000, "") is None
-    assert first_ipv4(["x", "255.255.255.255", "192.168.1.5"]) == "192.168.1.5"
+    assert decode_txt(props, ["x", "255.255.255.255", "192.168.1.5"], 7000, "i").address == \
+        "192.168.1.5"
 
 
 @FAST

@@ -50,7 +50,7 @@ def device_memory(
     last: bool,
 ) -> int:
     memory = options.reserve_bytes + window * max(model.layer_bytes)
-    memory += held * options.context_tokens * model.kv_bytes_per_token_per_layer
+    memory += held * model.cache_bytes_per_layer(options.context_tokens)
     if first:
         memory += model.embedding_bytes
     if last:

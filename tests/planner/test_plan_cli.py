@@ -9,8 +9,9 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from dnet.model_facts import profile_model
 from dnet.plan_cli import add_plan_arguments, run_plan
-from planner import DEFAULT_RESERVE_BYTES, load_devices_json, profile_model
+from planner import DEFAULT_RESERVE_BYTES, load_devices_json
 from tests.planner.model_files import QWEN3_CONFIG, write_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +160,42 @@ def test_defaults_and_example_devices_file() -> None:
     assert args.json is False
     example = load_devices_json(REPO_ROOT / "tools" / "devices.example.json")
     assert [device.id for device in example] == ["mac-a", "mac-b"]
+
+
+@pytest.mark.parametrize(("config_name", "devices", "budget_gib"),
+                         [("deepseek_v3.json", 4, 400), ("qwen3_moe.json", 3, 180)])
+def test_plans_published_moe_configs_with_active_parameters(
+    config_name: str, devices: int, budget_gib: int, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A directory with only config.json plans: memory from every expert, time from the few a
+    token uses."""
+    model = tmp_path / config_name.removesuffix(".json")
+    model.mkdir()
+    (model / "config.json").write_text((Path(__file__).parent / "configs" / config_name)
+                                       .read_text())
+    device_file = write_devices(tmp_path / "devices.json", [budget_gib * 1024**3] * devices)
+    assert run(["--model", str(model), "--devices", str(device_file), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    profile = profile_model(model)
+    for entry in plan["devices"]:
+        assert entry["memory_bytes"] <= entry["memory_budget_bytes"]
+        assert entry["streamed_layers"] == 0
+    assert sum(len(entry["layers"]) for entry in plan["devices"]) == profile.num_layers
+    # Compute time: each layer at the largest layer's *active* FLOPs on 2 TFLOP/s devices.
+    active_ms = 1000 * (profile.num_layers * max(profile.layer_flops_per_token)
+                        + profile.head_flops_per_token) / 2.0e12
+    assert plan["breakdown_ms"]["compute"] == pytest.approx(active_ms, rel=1e-3)
+    all_experts_ms = 1000 * 2 * (sum(profile.layer_bytes) / 2) / 2.0e12  # bf16: 2 bytes a weight
+    assert plan["breakdown_ms"]["compute"] < all_experts_ms / 10
+
+
+def test_a_model_dnet_cannot_run_is_a_clean_error(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "mamba"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**QWEN3_CONFIG, "model_type": "mamba"}))
+    devices = write_devices(tmp_path / "devices.json", [10**9])
+    assert run(["--model", str(model), "--devices", str(devices)]) == 2
+    err = capsys.readouterr().err
+    assert "'mamba' is not supported: dnet runs" in err and "Traceback" not in err

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from dnet.model_facts import profile_from_config
 from planner import (
     DeviceProfile,
     InfeasiblePlanError,
@@ -14,7 +15,6 @@ from planner import (
     check_plan_structure,
     from_json,
     plan_layers,
-    profile_from_config,
     to_json,
     uniform_profile,
 )
@@ -30,6 +30,9 @@ QWEN3_4B = {
     "num_key_value_heads": 8,
     "head_dim": 128,
     "vocab_size": 151936,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
     "tie_word_embeddings": True,
 }
 QWEN3_32B = {
@@ -50,18 +53,18 @@ def held(plan: Plan) -> list[int]:
     return [len(member.layers) for member in plan.devices]
 
 
-def test_published_sizes_from_config_arithmetic() -> None:
-    small = profile_from_config(QWEN3_4B, 2, "Qwen3-4B")
-    large = profile_from_config(QWEN3_32B, 2, "Qwen3-32B")
+def test_published_sizes_from_config_alone() -> None:
+    small = profile_from_config(QWEN3_4B, name="Qwen3-4B")
+    large = profile_from_config(QWEN3_32B, name="Qwen3-32B")
     # Qwen3-4B has 4.0B parameters and Qwen3-32B 32.8B (model cards), at 2 bytes each.
     assert small.total_bytes / 2 == pytest.approx(4.02e9, rel=0.01)
     assert large.total_bytes / 2 == pytest.approx(32.8e9, rel=0.01)
-    assert small.kv_bytes_per_token_per_layer == 2 * 8 * 128 * 2
+    assert small.cache_bytes_per_layer(1) == 2 * 8 * 128 * 2
     assert small.tied_embeddings and not large.tied_embeddings
 
 
 def test_qwen3_4b_split_over_two_devices_that_each_hold_half() -> None:
-    model = profile_from_config(QWEN3_4B, 2, "Qwen3-4B")
+    model = profile_from_config(QWEN3_4B, name="Qwen3-4B")
     plan = plan_layers(model, [mac("mac-a", 6 * GIB), mac("mac-b", 6 * GIB)])
     assert plan.ring == ("mac-a", "mac-b")
     assert held(plan) == [18, 18]
@@ -73,7 +76,7 @@ def test_qwen3_4b_split_over_two_devices_that_each_hold_half() -> None:
 
 def test_qwen3_4b_stays_on_one_device_when_it_fits() -> None:
     """A second device only adds hops when the first holds everything."""
-    model = profile_from_config(QWEN3_4B, 2, "Qwen3-4B")
+    model = profile_from_config(QWEN3_4B, name="Qwen3-4B")
     plan = plan_layers(model, [mac("mac-a", 16 * GIB), mac("mac-b", 16 * GIB)])
     assert plan.ring == ("mac-a",) and plan.left_out == ("mac-b",)
     assert plan.hops_per_token == 0 and plan.network_ms == 0
@@ -81,7 +84,7 @@ def test_qwen3_4b_stays_on_one_device_when_it_fits() -> None:
 
 
 def test_qwen3_32b_on_two_9gb_devices_streams_instead_of_failing() -> None:
-    model = profile_from_config(QWEN3_32B, 2, "Qwen3-32B")
+    model = profile_from_config(QWEN3_32B, name="Qwen3-32B")
     devices = [mac("mac-a", 9 * 10**9), mac("mac-b", 9 * 10**9)]
     plan = plan_layers(model, devices)
     assert sorted(plan.ring) == ["mac-a", "mac-b"]
@@ -267,7 +270,7 @@ def test_many_devices_with_per_peer_latencies_fall_back_and_say_so() -> None:
 
 
 def test_plan_json_round_trip_and_required_keys() -> None:
-    model = profile_from_config(QWEN3_4B, 2, "Qwen3-4B")
+    model = profile_from_config(QWEN3_4B, name="Qwen3-4B")
     plan = plan_layers(model, [mac("mac-a", 6 * GIB), mac("mac-b", 5 * GIB)])
     text = to_json(plan)
     assert from_json(text) == plan
