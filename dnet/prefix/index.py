@@ -50,6 +50,13 @@ def prefill_chunks(prompt_len: int, block_size: int, start: int = 0) -> list[tup
     return [(i, min(i + block_size, end)) for i in range(start, end, block_size)]
 
 
+def namespace_for(block_size: int) -> bytes:
+    """What block keys are salted with: the chunk size, so prompts cut differently never share
+    a block. (A shard's cache belongs to one model and one set of layers: a new model or a new
+    assignment is a new runtime with an empty cache, so the model needs no place here.)"""
+    return f"dnet-prefix/{block_size}".encode()
+
+
 def block_keys(tokens: Sequence[int], block_size: int, namespace: bytes = b"") -> list[bytes]:
     """Keys of the full blocks a prompt's prefill leaves: one per full chunk of its first
     `len(tokens) - 1` tokens. Key i = BLAKE2b-128(key i-1 || namespace || tokens of block i as
