@@ -52,6 +52,7 @@ class PrefixStats:
     nbytes: int
     capacity_bytes: int
     blocks: int
+    pinned_requests: int = 0  # looked up, not yet opened (or lapsed)
     lookups: int = 0
     looked_up_blocks: int = 0  # the prompt blocks lookups asked for
     hit_blocks: int = 0  # of those, how many this shard could restore
@@ -148,11 +149,15 @@ class PrefixStore:
         return restored
 
     def forget(self, owner: str) -> None:
-        """The request ended or opened: drop its pin and any block it was still cutting."""
+        """The request ended or opened: drop its pin and any block it was still cutting (and
+        what its pin kept above a capacity lowered meanwhile)."""
+        pinned = owner in self._index.pins
         self._index = unpin(self._index, owner)
         self._expiry.pop(owner, None)
         for pending in [p for p in self._pending if p[0] == owner]:
             del self._pending[pending]
+        if pinned and self._index.nbytes > self._index.capacity_bytes:
+            self.resize(self._index.capacity_bytes)
 
     def forget_all(self) -> None:
         for owner in list(self._expiry):
@@ -171,16 +176,19 @@ class PrefixStore:
 
     # ----- inserting blocks -----------------------------------------------------------------
 
-    def wants(self, key: bytes, parent: bytes, snapshot_here: bool) -> bool:
-        """Whether a chunk that leaves block `key` (after `parent`) is worth cutting: not when
-        the block is cached already (with its snapshot, if one is asked for) or its parent is
-        not (it could never be reached)."""
+    def wants(self, owner: str, key: bytes, parent: bytes, snapshot_here: bool) -> bool:
+        """Whether request `owner`'s chunk that leaves block `key` (after `parent`) is worth
+        cutting: not when the block is cached already (with its snapshot, if one is asked
+        for) or its parent is neither cached nor being cut (it could never be reached). A
+        block this request has started cutting on another run of layers is finished."""
         if not self.enabled:
             return False
+        if (owner, key) in self._pending:
+            return True
         block = self._index.blocks.get(key)
         if block is not None:
             return snapshot_here and bool(self._state_layers) and not block.state
-        return parent == ROOT or parent in self._index.blocks
+        return parent == ROOT or parent in self._index.blocks or (owner, parent) in self._pending
 
     def cut(self, caches: Mapping[int, Any], layers: range, length: int,
             snapshot_here: bool) -> Cut:
@@ -214,21 +222,22 @@ class PrefixStore:
         self._drop(result.evicted_blocks, result.evicted_states)
 
     def _drop(self, blocks: Sequence[bytes], states: Sequence[bytes]) -> None:
-        """Let go of the arrays of evicted blocks and snapshots; refresh the stats."""
+        """Let go of the arrays of evicted blocks and snapshots."""
         for gone in blocks:
             self._parts.pop(gone, None)
             self._states.pop(gone, None)
         for gone in states:
             self._states.pop(gone, None)
-        self._stats = replace(self._stats, nbytes=self._index.nbytes,
-                              capacity_bytes=self._index.capacity_bytes,
-                              blocks=len(self._index.blocks))
 
     # ----- reporting ------------------------------------------------------------------------
 
     @property
     def stats(self) -> PrefixStats:
-        return self._stats
+        """Counts so far, with the index's size now (safe to read from any thread: the index
+        is replaced, never changed)."""
+        index = self._index
+        return replace(self._stats, nbytes=index.nbytes, capacity_bytes=index.capacity_bytes,
+                       blocks=len(index.blocks), pinned_requests=len(index.pins))
 
     @property
     def index(self) -> PrefixIndex:

@@ -7,10 +7,11 @@ A `pb.Frame` on the wire is one of four kinds (the conventions are also written 
   `next_layer` (the receiver runs its contiguous run of layers from there), `position` (the
   KV position of the first token), `tokens`, `hidden` (absent exactly when `next_layer` is
   0), `sample` (the tail samples after it; false for prefill chunks), `entry`, `head`,
-  `epoch`. The request's first step is its *opening* (`opens`): it carries `sampling`,
-  `route` and what the prefix cache needs (`block_size`, `reused_blocks`, `history`), and
-  starts at position 0, or past the prefix every shard restores from its cache
-  (`reused_blocks * block_size`). A full prefill chunk names the cache `block` it leaves.
+  `epoch`. The request's first step is its *opening*: it carries `sampling`, `route` and
+  what the prefix cache needs (`block_size`, `reused_blocks`, `history`), and starts at
+  position 0, or past the prefix every shard restores from its cache (`reused_blocks *
+  block_size`, with `opens` set: a step past 0 opens its request only so). A full prefill
+  chunk names the cache `block` it leaves.
 - a **train step**: the decode steps of several requests moving as one batch. `request_id`
   is then the *train's* id, `batch` the member request ids, `batch_positions` and `tokens`
   one per member, `hidden` one row per member; always sampled; no `entry` (the tail knows
@@ -350,19 +351,18 @@ def parse(frame: pb.Frame, shard: ShardView) -> Message:
         return TrainStep(frame.request_id, frame.next_layer, tuple(frame.batch),
                          tuple(frame.batch_positions), tuple(frame.tokens), hidden,
                          frame.head, frame.epoch)
-    opening = _opening(frame, shard) if frame.opens else None
+    # Position 0 is only ever a request's first step; past it, `opens` says so.
+    opening = _opening(frame, shard) if frame.opens or frame.position == 0 else None
     block = None
     if frame.HasField("block"):
         if not frame.block.key or frame.sample:
             raise FrameRejected(Status.INVALID_ARGUMENT,
                                 "a cache block needs a key and a prefill chunk")
         block = CacheBlock(frame.block.key, frame.block.parent, frame.block.snapshot)
-    if (opening is None and frame.position < 1) or (
-            opening is not None and frame.position != opening.start):
+    if opening is not None and frame.position != opening.start:
         raise FrameRejected(Status.INVALID_ARGUMENT,
-                            f"a request opens at position 0 or past its reused prefix; this "
-                            f"frame is at {frame.position} and "
-                            f"{'opens' if opening else 'does not open'} its request")
+                            f"a request opens at position 0 or past its reused prefix "
+                            f"({opening.start}); this opening is at {frame.position}")
     return RequestStep(frame.request_id, frame.next_layer, frame.position, tuple(frame.tokens),
                        hidden, frame.sample, frame.entry, frame.head, frame.epoch, opening, block)
 

@@ -77,14 +77,15 @@ class StepRunner:
     """Runs steps through `stage`, opening requests at their first step.
 
     `tail` is set on the shard that holds the model's last layer; `identity` is this shard's
-    name in a first step's route; `clock` gives the time requests are used at.
+    name in a first step's route; `clock` gives the time requests are used at; `prefix` is
+    the shard's prefix cache.
     """
 
     def __init__(self, stage: Stage, requests: RequestTable, trains: TrainCaches,
                  kv: KvReservations, tail: Tail | None, vocab_size: int, identity: str,
-                 clock: Callable[[], float], prefix: PrefixStore) -> None:
+                 clock: Callable[[], float], prefix: PrefixStore | None = None) -> None:
         self.stage = stage
-        self.prefix = prefix
+        self.prefix = prefix if prefix is not None else PrefixStore(0, {})  # None: no cache
         self._requests = requests
         self._trains = trains
         self._kv = kv
@@ -156,7 +157,7 @@ class StepRunner:
         if not isinstance(step, RequestStep) or step.block is None:
             return None
         block = step.block
-        if not self.prefix.wants(block.key, block.parent, block.snapshot):
+        if not self.prefix.wants(step.request_id, block.key, block.parent, block.snapshot):
             return None
         return self.prefix.cut(caches, range(step.layer, end), len(step.tokens),
                                block.snapshot)
