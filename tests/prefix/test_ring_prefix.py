@@ -284,3 +284,11 @@ def test_hybrid_and_sliding_window_models_reuse_exactly(inprocess_ring, make_mod
     assert got == reference
     assert reused == (0 if arch == "qwen3_5" else BLOCK)
     cached.wait_idle()
+
+
+def test_shards_streaming_their_weights_reuse_prefixes_too(inprocess_ring,
+                                                          qwen3_model: Path) -> None:
+    # Windows of 1 and 2 layers: the weights stream from disk, the caches stay resident.
+    cached = start(inprocess_ring, TWO, windows=[1, 2])
+    for previous, reused in turns(qwen3_model, [cached], 3, text=14):
+        assert reused == expected_reuse(previous)
