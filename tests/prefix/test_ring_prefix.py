@@ -104,18 +104,20 @@ def test_a_growing_conversation_gives_the_same_tokens_with_and_without_the_cache
                                                           for r in uncached.runtimes()))
 
 
+@pytest.mark.parametrize("how", list(SAMPLINGS))
 def test_conversations_sharing_a_system_prompt_reuse_it_and_store_it_once(
-        inprocess_ring, qwen3_model: Path) -> None:
+        inprocess_ring, qwen3_model: Path, how: str) -> None:
     ring = start(inprocess_ring, MULTI_ROUND)
+    uncached = start(inprocess_ring, MULTI_ROUND, prefix_cache_bytes=0)
     system = words(40, seed=2)  # two full blocks, then 8 tokens
     reused = []
     for i in range(3):
         prompt = system + words(20, seed=20 + i)  # 60 tokens: 3 blocks each
         reference = reference_tokens(qwen3_model, prompt, 10, ignore_eos=True,
-                                     prefill_step_size=BLOCK)
+                                     prefill_step_size=BLOCK, **SAMPLINGS[how])
         assert_diverse(reference)
-        got, cached = run(ring, prompt, 10)
-        assert got == reference
+        got, cached = run(ring, prompt, 10, **SAMPLINGS[how])
+        assert got == reference == run(uncached, prompt, 10, **SAMPLINGS[how])[0]
         reused.append(cached)
     assert reused == [0, 2 * BLOCK, 2 * BLOCK]
     # Two shared blocks and one of each conversation's own: 5 blocks, not 9, on every shard.
