@@ -54,6 +54,23 @@ def _add_kv_cap(p: argparse.ArgumentParser) -> None:
                         "new requests get a 503 (default: half the memory available at start)")
 
 
+def _add_prefix_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-bytes", type=cli_args.size,
+                   default=os.environ.get("DNET_PREFIX_CACHE_BYTES"),
+                   help="memory for the prefix cache, e.g. 4GB; 0 turns it off (default: what "
+                        "the plan leaves free, up to 1/8 of the memory budget; for `dnet "
+                        "shard`, 1/8 of the memory available once its layers are loaded)")
+
+
+def _add_prefill_chunk(p: argparse.ArgumentParser) -> None:
+    from dnet.entry.decisions import PREFILL_CHUNK
+
+    p.add_argument("--prefill-chunk", type=cli_args.positive_int,
+                   default=os.environ.get("DNET_PREFILL_CHUNK", str(PREFILL_CHUNK)),
+                   help="prompt tokens per prefill step, and per prefix-cache block "
+                        f"(default {PREFILL_CHUNK}; mlx-lm's prefill_step_size)")
+
+
 def _add_http_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=cli_args.positive_int,
                    default=os.environ.get("DNET_MAX_REQUESTS", "64"),
@@ -101,6 +118,7 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-ttl", type=cli_args.positive_float, default=300.0,
                    help="seconds before an idle request's KV cache is dropped (default 300)")
     _add_kv_cap(p)
+    _add_prefix_cache(p)
     _add_cluster_key(p)
 
 
@@ -125,7 +143,8 @@ def run_shard_command(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     try:
         run_shard(args.model, model_dir, args.layers, args.host, args.port, args.next_address,
-                  args.prefetch_window, args.kv_ttl, stop, kv_cap_bytes=args.max_kv_bytes)
+                  args.prefetch_window, args.kv_ttl, stop, kv_cap_bytes=args.max_kv_bytes,
+                  prefix_cache_bytes=args.prefix_cache_bytes)
     except (ValueError, OSError) as exc:
         print(f"dnet shard: {exc}", file=sys.stderr)
         return 1
@@ -141,6 +160,7 @@ def add_api_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest prompt plus answer, in tokens (default: the model's)")
     p.add_argument("--token-timeout", type=cli_args.positive_float, default=120.0,
                    help="seconds to wait for the next token before failing (default 120)")
+    _add_prefill_chunk(p)
     _add_http_limits(p)
     _add_cluster_key(p)
 
@@ -156,6 +176,7 @@ def run_api_command(args: argparse.Namespace) -> int:
     try:
         run_api(args.model, args.address, args.shard, max_context=args.max_context,
                 timeouts=timeouts, max_requests=args.max_requests,
+                prefill_chunk=args.prefill_chunk,
                 http=HttpOptions(api_key=args.api_key, cors_origins=_origins(args),
                                  special_tokens_in_messages=args.special_tokens_in_messages),
                 load_tokenizer=load_chat_tokenizer)
@@ -209,6 +230,8 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-ttl", type=cli_args.positive_float, default=300.0,
                    help="seconds before an idle request's KV cache is dropped (default 300)")
     _add_kv_cap(p)
+    _add_prefix_cache(p)
+    _add_prefill_chunk(p)
     _add_http_limits(p)
 
 
@@ -229,6 +252,8 @@ def run_join_command(args: argparse.Namespace) -> int:
                           memory_budget_bytes=budget, cluster_key=args.cluster_key,
                           state_dir=Path(args.state_dir), kv_ttl_s=args.kv_ttl,
                           context_tokens=args.context, kv_cap_bytes=args.max_kv_bytes,
+                          prefix_cache_bytes=args.prefix_cache_bytes,
+                          prefill_chunk=args.prefill_chunk,
                           max_requests=args.max_requests, api_key=args.api_key,
                           cors_origins=_origins(args),
                           special_tokens_in_messages=args.special_tokens_in_messages)

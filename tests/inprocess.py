@@ -65,6 +65,7 @@ class InProcessRing:
     grpc: bool = False  # members talk gRPC on loopback instead of in memory
     windows: list[int | None] | None = None  # prefetch window per shard (None: all resident)
     kv_cap_bytes: int | None = 1 << 30
+    prefix_cache_bytes: int | None = None  # each shard's prefix cache (None: the default)
     kv_ttl_s: float = 300.0
     recover: bool = False  # replay requests the ring fails on the next epoch (mesh mode)
     max_requests: int = 64
@@ -234,7 +235,8 @@ class InProcessRing:
         runtime = ShardRuntime(lambda: Stage(self.model_dir, layers, window=window),
                                MeshRouter({}), model_name=str(self.model_dir),
                                kv_ttl_s=self.kv_ttl_s, epoch=self.epoch,
-                               kv_cap_bytes=self.kv_cap_bytes, transport=self.transport)
+                               kv_cap_bytes=self.kv_cap_bytes, transport=self.transport,
+                               prefix_cache_bytes=self.prefix_cache_bytes)
         runtime.start()
         member = Member(list(layers), address, runtime)
         service = ShardService(runtime)

@@ -138,7 +138,8 @@ def test_non_streaming_chat_usage_matches_the_tokens(ring: InProcessRing,
     assert len(choice["token_ids"]) == 12
     assert answer["usage"] == {"prompt_tokens": len(chat_prompt_ids(qwen3_model, STORY)),
                                "completion_tokens": 12,
-                               "total_tokens": len(chat_prompt_ids(qwen3_model, STORY)) + 12}
+                               "total_tokens": len(chat_prompt_ids(qwen3_model, STORY)) + 12,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
 
 
@@ -150,7 +151,8 @@ def test_non_streaming_completion_usage_matches_the_tokens(ring: InProcessRing) 
     assert answer["object"] == "text_completion"
     assert choice["finish_reason"] == "length"
     assert len(choice["token_ids"]) == 9
-    assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
+    assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_without_ignore_eos_the_answer_ends_at_eos_or_max_tokens(ring: InProcessRing,
@@ -204,7 +206,8 @@ def test_stream_options_include_usage_adds_a_final_usage_chunk(ring: InProcessRi
     assert last["choices"] == []
     assert last["usage"] == usage == {"prompt_tokens": usage["prompt_tokens"],
                                       "completion_tokens": 10,
-                                      "total_tokens": usage["prompt_tokens"] + 10}
+                                      "total_tokens": usage["prompt_tokens"] + 10,
+                                      "prompt_tokens_details": {"cached_tokens": 0}}
     assert all(c["usage"] is None for c in chunks[:-1])
 
 

@@ -189,7 +189,8 @@ def test_prompt_plus_answer_fits_in_the_context(ring: InProcessRing) -> None:
     answer = response.json()
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"] == {"prompt_tokens": MAX_CONTEXT - 4, "completion_tokens": 4,
-                               "total_tokens": MAX_CONTEXT}
+                               "total_tokens": MAX_CONTEXT,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_unknown_fields_are_ignored(ring: InProcessRing) -> None:

@@ -61,6 +61,9 @@ def test_dashboard_shows_the_mesh_live_and_chats(mesh: LocalMesh, page: Page) ->
     expect(page.locator("#ring-path")).to_contain_text(" → ")
     expect(page.locator("#nodes tbody tr")).to_have_count(2)
     expect(page.locator("#nodes")).to_contain_text("MiB")  # memory in human units
+    # Each shard's prefix cache: bytes held of its capacity, and its hits once looked up.
+    expect(page.locator("#nodes thead")).to_contain_text("Prefix cache")
+    expect(page.locator("#nodes tbody")).to_contain_text("no lookups yet")
     expect(page.locator("#model")).to_have_text(view["model"])
     expect(page.locator("#epoch")).to_have_text(str(view["epoch"]))
     expect(page.locator("#status")).to_contain_text("live")

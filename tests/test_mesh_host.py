@@ -36,10 +36,15 @@ class FakeRuntime:
     active_requests: int = 0
     stage: object = None
     ready: bool = True
+    prefix_capacity: int | None = None
+    prefix_stats: object = None
 
     def retarget(self, router, epoch: int) -> None:
         self.retargets.append(epoch)
         self.epoch = epoch
+
+    def set_prefix_capacity(self, capacity_bytes: int) -> None:
+        self.prefix_capacity = capacity_bytes
 
     def stop(self) -> None:
         self.stopped = True

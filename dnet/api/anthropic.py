@@ -244,8 +244,16 @@ def message_response(model: str, job: Job, result: Answer) -> dict[str, Any]:
             "content": [_block(part) for part in result.parts],
             "stop_reason": stop_reason(result.finish, result.stop_sequence),
             "stop_sequence": result.stop_sequence,
-            "usage": {"input_tokens": result.prompt_tokens,
+            "usage": {**input_usage(result.prompt_tokens, result.cached_tokens),
                       "output_tokens": result.completion_tokens}}
+
+
+def input_usage(prompt_tokens: int, cached_tokens: int) -> dict[str, int]:
+    """Anthropic's input counts: `input_tokens` are those after the last cache read, so the
+    prompt is input_tokens + cache_read_input_tokens (dnet's prefix cache writes as a side
+    effect of prefill: nothing is billed as a cache write)."""
+    return {"input_tokens": prompt_tokens - cached_tokens,
+            "cache_read_input_tokens": cached_tokens, "cache_creation_input_tokens": 0}
 
 
 class MessageEvents:
@@ -256,6 +264,7 @@ class MessageEvents:
         self.index = -1
         self.open: str | None = None  # the kind of the block being written
         self.output_tokens = 0
+        self.started = False
 
     def _start(self, block: dict[str, Any]) -> list[str]:
         events = self._close()
@@ -288,17 +297,21 @@ class MessageEvents:
         events = [] if self.open == "text" else self._start({"type": "text", "text": ""})
         return [*events, self._delta({"type": "text_delta", "text": part.text})]
 
-    def start(self) -> list[str]:
+    def start(self, cached_tokens: int) -> list[str]:
+        """message_start, sent with the answer's first step (which says what was cached)."""
+        self.started = True
         message = {"id": f"msg_{self.job.id}", "type": "message", "role": "assistant",
                    "model": self.model, "content": [], "stop_reason": None,
                    "stop_sequence": None,
-                   "usage": {"input_tokens": len(self.job.prompt), "output_tokens": 0}}
+                   "usage": {**input_usage(len(self.job.prompt), cached_tokens),
+                             "output_tokens": 0}}
         return [sse({"type": "message_start", "message": message}, "message_start"),
                 sse({"type": "ping"}, "ping")]
 
     def step(self, step: Step) -> list[str]:
+        events = [] if self.started else self.start(step.cached_tokens)
         self.output_tokens += len(step.tokens)
-        events = [e for part in step.parts for e in self.part(part)]
+        events += [e for part in step.parts for e in self.part(part)]
         if step.finish is not None:
             events += self._close()
             delta = {"stop_reason": stop_reason(step.finish, step.stop_sequence),
@@ -309,8 +322,6 @@ class MessageEvents:
         return events
 
     async def events(self, source: AsyncIterator[Step]) -> AsyncIterator[str]:
-        for event in self.start():
-            yield event
         try:
             async for step in source:
                 for event in self.step(step):

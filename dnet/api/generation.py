@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from dnet.api.errors import ApiError
 from dnet.api.harmony import HarmonyParser
@@ -115,6 +115,7 @@ class Step:
     finish: FinishReason | None = None
     stop_sequence: str | None = None  # the stop string that ended the answer
     prompt_logprobs: list[pb.PromptLogprob] = field(default_factory=list)
+    cached_tokens: int = 0  # on the first step: prompt tokens the prefix cache supplied
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -202,7 +203,8 @@ class _Reader:
         self.reasoning_tokens = 0
 
     def step(self, token: pb.Token) -> Step:
-        step = Step(prompt_logprobs=list(token.prompt_logprobs))
+        step = Step(prompt_logprobs=list(token.prompt_logprobs),
+                    cached_tokens=token.cached_tokens)
         is_eos = token.finish_reason == "stop" and token.token in self.eos
         visible = ""
         if not is_eos and not self.job.hidden:
@@ -270,6 +272,7 @@ class Answer:
     finish: FinishReason = FinishReason.STOP
     stop_sequence: str | None = None
     prompt_logprobs: list[pb.PromptLogprob] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
 
     def add(self, step: Step) -> None:
         for part in step.parts:
@@ -282,6 +285,7 @@ class Answer:
         self.tokens += step.tokens
         self.reasoning_tokens += step.reasoning_tokens
         self.prompt_logprobs += step.prompt_logprobs
+        self.cached_tokens = self.cached_tokens or step.cached_tokens
         if step.finish is not None:
             self.finish, self.stop_sequence = step.finish, step.stop_sequence
 
@@ -300,21 +304,65 @@ class Answer:
 
 async def answer(backend: Backend, job: Job) -> Answer:
     """The whole answer at once; raises RingError when the ring fails the request."""
+    return await _gather(job, steps(backend, job))
+
+
+async def _gather(job: Job, source: AsyncIterator[Step]) -> Answer:
     result = Answer(prompt_tokens=len(job.prompt))
-    async for step in steps(backend, job):
+    async for step in source:
         result.add(step)
     return result
 
 
+def choice_steps(backend: Backend, jobs: list[Job]) -> list[AsyncIterator[Step]]:
+    """The steps of n choices of one prompt, sharing its prefill through the prefix cache:
+    choice 0 runs first, and the others start once its first token is out. By then every
+    full chunk of the prompt is a block in every shard's cache, so they prefill only the
+    prompt's last partial chunk."""
+    sources = [steps(backend, job) for job in jobs]
+    if len(sources) < 2:
+        return sources
+    first_out = asyncio.Event()
+
+    async def leader(source: AsyncIterator[Step]) -> AsyncIterator[Step]:
+        try:
+            async for step in source:
+                first_out.set()
+                yield step
+        finally:
+            first_out.set()  # a failed leader lets the others run (and fail) on their own
+            await close(source)
+
+    async def follower(source: AsyncIterator[Step]) -> AsyncIterator[Step]:
+        try:
+            await first_out.wait()
+            async for step in source:
+                yield step
+        finally:
+            await close(source)
+
+    return [leader(sources[0]), *(follower(s) for s in sources[1:])]
+
+
 async def answers(backend: Backend, jobs: list[Job]) -> list[Answer]:
-    """Several answers at once (n choices); the first failure cancels the others and is
-    raised as itself."""
+    """Several answers at once (n choices, see `choice_steps`); the first failure cancels
+    the others and is raised as itself."""
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(answer(backend, job)) for job in jobs]
+            tasks = [group.create_task(_gather(job, source))
+                     for job, source in zip(jobs, choice_steps(backend, jobs), strict=True)]
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def openai_usage(prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object (chat and text completions); `cached_tokens` are the prompt
+    tokens the prefix cache supplied (the first choice's: n choices count their prompt once)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def check_model(backend: Backend, name: str | None) -> None:

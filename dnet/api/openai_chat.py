@@ -33,8 +33,9 @@ from dnet.api.generation import (
     Step,
     answers,
     check_model,
+    choice_steps,
     make_job,
-    steps,
+    openai_usage,
 )
 from dnet.api.logprobs import chat_entries
 from dnet.api.output import Channel, Delta, ToolCall
@@ -180,18 +181,13 @@ def _choice(backend: Backend, body: ChatRequest, index: int, result: Answer) -> 
     return choice
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def chat_response(backend: Backend, body: ChatRequest, jobs: list[Job],
                   results: list[Answer]) -> dict[str, Any]:
     completion = sum(r.completion_tokens for r in results)
     return {"id": f"chatcmpl-{jobs[0].id}", "object": "chat.completion",
             "created": jobs[0].created, "model": backend.model_name,
             "choices": [_choice(backend, body, i, r) for i, r in enumerate(results)],
-            "usage": _usage(len(jobs[0].prompt), completion)}
+            "usage": openai_usage(len(jobs[0].prompt), completion, results[0].cached_tokens)}
 
 
 class ChatChunks:
@@ -204,8 +200,11 @@ class ChatChunks:
         self.started: set[int] = set()
         self.calls = [0] * len(jobs)
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def chunk(self, index: int, step: Step) -> str:
+        if index == 0:
+            self.cached_tokens = self.cached_tokens or step.cached_tokens
         delta: dict[str, Any] = {}
         if index not in self.started:
             self.started.add(index)
@@ -245,13 +244,13 @@ class ChatChunks:
             yield sse(stream_error(exc).body())
         else:
             if self.body.include_usage():
-                usage = _usage(len(self.jobs[0].prompt), self.completion_tokens)
-                yield sse({**self.base, "choices": [], "usage": usage})
+                yield sse({**self.base, "choices": [], "usage": openai_usage(
+                    len(self.jobs[0].prompt), self.completion_tokens, self.cached_tokens)})
         yield "data: [DONE]\n\n"
 
 
 def tagged_steps(backend: Backend, jobs: list[Job]) -> AsyncIterator[tuple[int, Step]]:
-    return merge([steps(backend, job) for job in jobs])
+    return merge(choice_steps(backend, jobs))
 
 
 async def serve(request: Request, backend: Backend, body: ChatRequest, *,

@@ -29,8 +29,9 @@ from dnet.api.generation import (
     Step,
     answers,
     check_model,
+    choice_steps,
     make_job,
-    steps,
+    openai_usage,
 )
 from dnet.api.logprobs import LegacyLogprobs
 from dnet.api.output import Delta
@@ -132,8 +133,7 @@ def text_response(backend: Backend, body: CompletionRequest, prompt: TextPrompt,
     completion = sum(r.completion_tokens for r in results)
     return {"id": f"cmpl-{response_id}", "object": "text_completion", "created": created,
             "model": backend.model_name, "choices": choices,
-            "usage": {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
-                      "total_tokens": len(prompt.ids) + completion}}
+            "usage": openai_usage(len(prompt.ids), completion, results[0].cached_tokens)}
 
 
 def echo_only(backend: Backend, body: CompletionRequest, prompt: TextPrompt) -> dict[str, Any]:
@@ -153,8 +153,11 @@ class TextChunks:
         self.base = {"id": f"cmpl-{jobs[0].id}", "object": "text_completion",
                      "created": jobs[0].created, "model": backend.model_name}
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def chunk(self, index: int, step: Step) -> str:
+        if index == 0:
+            self.cached_tokens = self.cached_tokens or step.cached_tokens
         text = "".join(p.text for p in step.parts if isinstance(p, Delta))
         text, logprobs = self.choices[index].piece(text, step)
         self.completion_tokens += len(step.tokens)
@@ -176,10 +179,8 @@ class TextChunks:
             yield sse(stream_error(exc).body())
         else:
             if self.body.include_usage():
-                prompt = len(self.prompt.ids)
-                yield sse({**self.base, "choices": [], "usage": {
-                    "prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                    "total_tokens": prompt + self.completion_tokens}})
+                yield sse({**self.base, "choices": [], "usage": openai_usage(
+                    len(self.prompt.ids), self.completion_tokens, self.cached_tokens)})
         yield "data: [DONE]\n\n"
 
 
@@ -195,7 +196,7 @@ async def serve(request: Request, backend: Backend,
         return event_stream(_iterate([*chunks, "data: [DONE]\n\n"]))
     jobs = text_jobs(backend, body, prompt)
     if body.stream:
-        _, source = await first_item(merge([steps(backend, job) for job in jobs]))
+        _, source = await first_item(merge(choice_steps(backend, jobs)))
         return event_stream(TextChunks(backend, body, prompt, jobs).events(source))
     results = await unless_disconnected(request, answers(backend, jobs))
     return text_response(backend, body, prompt, results, jobs[0].id, jobs[0].created)

@@ -233,7 +233,8 @@ def response_object(model: str, body: ResponsesRequest, job: Job, output: list[d
     usage = None
     if result is not None:
         usage = {"input_tokens": result.prompt_tokens,
-                 "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                 "input_tokens_details": {"cached_tokens": result.cached_tokens,
+                                          "cache_write_tokens": 0},
                  "output_tokens": result.completion_tokens,
                  "output_tokens_details": {"reasoning_tokens": result.reasoning_tokens},
                  "total_tokens": result.prompt_tokens + result.completion_tokens}

@@ -13,6 +13,7 @@ from dnet.api.app import HttpOptions, create_app
 from dnet.api.tokenizer import ChatTokenizer
 from dnet.entry import (
     DEFAULT_MAX_REQUESTS,
+    PREFILL_CHUNK,
     EntryService,
     Inflight,
     RingEntry,
@@ -64,7 +65,7 @@ def split_address(address: str, default_port: int) -> tuple[str, int]:
 
 def run_api(model: str, listen: str, first_shard: str, *, max_context: int | None = None,
             timeouts: Timeouts | None = None, max_requests: int = DEFAULT_MAX_REQUESTS,
-            http: HttpOptions | None = None,
+            prefill_chunk: int = PREFILL_CHUNK, http: HttpOptions | None = None,
             load_tokenizer: Callable[[Path], ChatTokenizer]) -> None:
     """Serve the API; `load_tokenizer` builds the model's tokenizer (dnet.tokenizer's
     `load_chat_tokenizer`: it loads MLX, which this package does not import)."""
@@ -79,7 +80,8 @@ def run_api(model: str, listen: str, first_shard: str, *, max_context: int | Non
     shard_host, _ = split_address(first_shard, 50501)
     advertised = local_address_towards(shard_host) if host in WILDCARDS else bind
     entry = RingEntry(first_shard, address=f"{advertised}:{sink_port}", inflight=inflight,
-                      timeouts=timeouts or Timeouts(), max_requests=max_requests)
+                      timeouts=timeouts or Timeouts(), max_requests=max_requests,
+                      prefill_chunk=prefill_chunk)
     backend = RingBackend(model, model_dir, entry, load_tokenizer(model_dir), max_context)
     app = create_app(backend, options=http, extra_health=lambda: {"head": first_shard,
                                                                   "token_sink": entry.address})

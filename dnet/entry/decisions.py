@@ -9,12 +9,16 @@ what to do with each token that comes back. No I/O, no clocks, no event loop: th
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dnet.prefix.index import ROOT
 from dnet.proto import dnet_ring_pb2 as pb
-from dnet.ring.frames import Opening, RequestStep
+from dnet.ring.frames import CacheBlock, Opening, RequestStep
 
-PREFILL_CHUNK = 2048  # mlx-lm's prefill_step_size: the same chunks give the same numbers
+# Tokens per prefill chunk, and so per prefix-cache block (`--prefill-chunk`). Identity with
+# mlx-lm holds against its generate_step run with the same prefill_step_size.
+PREFILL_CHUNK = 512
 MAX_REPLAYS = 3
 DEFAULT_MAX_REQUESTS = 64
 REPLAYABLE_STATUSES = frozenset({502, 503})
@@ -83,26 +87,54 @@ def replay_sampling(sampling: pb.SamplingParams, generated: int) -> pb.SamplingP
     return params
 
 
+def may_reuse_prefix(sampling: pb.SamplingParams) -> bool:
+    """Whether a request may start from cached prefix blocks: not when it scores its prompt
+    (echo with logprobs), whose every token must pass the tail."""
+    return not sampling.prompt_logprobs
+
+
+def needs_history(sampling: pb.SamplingParams) -> bool:
+    """Whether the tail's sampler needs the prompt tokens (its penalties look back over the
+    history, as mlx-lm's logits processors do), so an opening past a reused prefix must carry
+    them."""
+    return bool(sampling.repetition_penalty or sampling.presence_penalty
+                or sampling.frequency_penalty)
+
+
 def prompt_steps(request_id: str, prompt: list[int], generated: list[int],
                  sampling: pb.SamplingParams, *, entry: str, view: RingView,
-                 chunk: int = PREFILL_CHUNK) -> list[RequestStep]:
+                 chunk: int = PREFILL_CHUNK, keys: Sequence[bytes] = (),
+                 reused: int = 0) -> list[RequestStep]:
     """The steps that carry a request into the ring, in order.
 
     All but the last prompt token fill the KV caches in chunks of `chunk`; the last one runs
     alone and is sampled, as in mlx-lm's generate_step. A replay then feeds each generated
-    token alone, as the decode steps did, and samples after the last one. Raises ValueError
-    for an empty prompt or a chunk size below 1.
+    token alone, as the decode steps did, and samples after the last one.
+
+    `keys` are the prompt's block keys (`dnet.prefix.index.block_keys` with this chunk): each
+    full chunk names the block it leaves, so shards cache it. With `reused` blocks restored
+    from the shards' prefix caches, the steps start at `reused * chunk`: the chunks that follow
+    are exactly those of an uncached run. Raises ValueError for an empty prompt, a chunk size
+    below 1 or more reused blocks than keys.
     """
-    if not prompt or chunk < 1:
-        raise ValueError("a request needs a prompt and a positive chunk size")
+    if not prompt or chunk < 1 or not 0 <= reused <= len(keys):
+        raise ValueError("a request needs a prompt, a positive chunk size and no more reused "
+                         "blocks than block keys")
+    start = reused * chunk
     prefix = prompt[:-1]
-    chunks = [prefix[i:i + chunk] for i in range(0, len(prefix), chunk)]
+    chunks = [prefix[i:i + chunk] for i in range(start, len(prefix), chunk)]
+    filling = len(chunks)
     chunks += [[token] for token in [prompt[-1], *generated]]
-    steps, position = [], 0
+    history = tuple(prompt[:start]) if reused and needs_history(sampling) else ()
+    steps, position = [], start
     for i, tokens in enumerate(chunks):
-        opening = Opening(sampling) if position == 0 else None
+        opening = Opening(sampling, (), chunk, reused, history) if position == start else None
+        block, k = None, position // chunk
+        if i < filling and len(tokens) == chunk and k < len(keys):
+            block = CacheBlock(keys[k], keys[k - 1] if k else ROOT, k == len(keys) - 1)
         steps.append(RequestStep(request_id, 0, position, tuple(tokens), None,
-                                 i == len(chunks) - 1, entry, view.head, view.epoch, opening))
+                                 i == len(chunks) - 1, entry, view.head, view.epoch, opening,
+                                 block))
         position += len(tokens)
     return steps
 
@@ -119,7 +151,7 @@ def judge(token: pb.Token, expected: int) -> Verdict:
     """The verdict on `token` when the attempt expects index `expected` next."""
     if token.error:
         return Verdict.FAIL
-    if token.index < expected:
+    if token.lookup or token.index < expected:
         return Verdict.SKIP
     return Verdict.EMIT
 

@@ -2,6 +2,9 @@
 
 The prompt goes to the head shard as prefill chunks, then the last prompt token alone with
 `sample` set, exactly the steps mlx-lm's generate_step takes (`decisions.prompt_steps`).
+A prompt with at least one full chunk is first looked up round the ring: every shard says
+how many of its leading blocks it can restore from its prefix cache and pins them, and the
+request opens past the least of them, on every shard alike (`dnet/prefix/`).
 From then on the tail feeds the head itself; the entry only listens on its token sink and,
 when the request ends for any reason, sends a release that frees the KV caches round the
 ring. In mesh mode (`recover`), a request the ring fails is replayed on the re-planned ring.
@@ -20,9 +23,10 @@ from functools import partial
 from dnet.entry import decisions
 from dnet.entry.decisions import DEFAULT_MAX_REQUESTS, PREFILL_CHUNK, REPLANNING, RingView
 from dnet.entry.inflight import Inflight, RingGate
+from dnet.prefix.index import block_keys, namespace_for
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import frames
-from dnet.ring.frames import Release
+from dnet.ring.frames import Lookup, Release
 from dnet.ring.links import GRPC, LinkPool, Transport, open_frames
 
 log = logging.getLogger(__name__)
@@ -211,10 +215,15 @@ class RingEntry:
                        request_id: str) -> AsyncIterator[pb.Token]:
         tokens = self._inflight.open(request_id, view.head)
         try:
+            chunk = self._prefill_chunk
+            keys = block_keys(prompt, chunk, namespace_for(chunk))
+            reused = 0
+            if keys and decisions.may_reuse_prefix(sampling):
+                reused = await self._look_up(view, request_id, keys, tokens)
             for step in decisions.prompt_steps(
                     request_id, prompt, generated,
                     decisions.replay_sampling(sampling, len(generated)), entry=self._address,
-                    view=view, chunk=self._prefill_chunk):
+                    view=view, chunk=chunk, keys=keys, reused=reused):
                 self._links.send(view.head, frames.to_wire(step))
             expected = 0
             timeout = self._timeouts.first_token_s
@@ -229,6 +238,8 @@ class RingEntry:
                     raise RingError(decisions.failure_status(token), token.error)
                 if verdict is decisions.Verdict.SKIP:
                     continue
+                if not expected:
+                    token.cached_tokens = reused * chunk
                 expected = token.index + 1
                 timeout = self._timeouts.next_token_s
                 self.stats.token(request_id, token.index, time.monotonic())
@@ -243,6 +254,26 @@ class RingEntry:
                     Release(request_id, 0, view.head, view.epoch)))
             except ConnectionError as exc:
                 log.debug("could not release %s: %s", request_id, exc)
+
+    async def _look_up(self, view: RingView, request_id: str, keys: list[bytes],
+                       tokens: asyncio.Queue[pb.Token]) -> int:
+        """How many leading blocks of `keys` every shard restores for `request_id` (pinned
+        until the request opens or is released); raises RingError if the ring fails."""
+        self._links.send(view.head, frames.to_wire(Lookup(
+            request_id, 0, tuple(keys), len(keys), self._address, view.head, view.epoch)))
+        timeout = self._timeouts.first_token_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                token = await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise RingError(504, f"no answer to the prefix-cache lookup within "
+                                     f"{timeout:.0f} s") from None
+            if token.error:
+                raise RingError(decisions.failure_status(token), token.error)
+            if token.lookup:
+                return min(token.reused_blocks, len(keys))
 
     # ----- from gRPC and link threads -------------------------------------------------------
 

@@ -146,6 +146,18 @@ def build_topology(node: Node) -> dict[str, Any]:
     }
 
 
+def _prefix_cache(status: pb.NodeStatus | None) -> dict[str, Any]:
+    """The node's shard's prefix cache: bytes held, capacity, and the share of looked-up
+    prompt blocks it could restore (None before any lookup, or when nothing reports)."""
+    if status is None:
+        return {"prefix_cache_bytes": None, "prefix_cache_capacity_bytes": None,
+                "prefix_cache_hit_rate": None}
+    rate = status.prefix_cache_hit_rate
+    return {"prefix_cache_bytes": status.prefix_cache_bytes,
+            "prefix_cache_capacity_bytes": status.prefix_cache_capacity_bytes,
+            "prefix_cache_hit_rate": round(rate, 4) if rate >= 0 else None}
+
+
 def _node_entry(info: PeerInfo, member: pb.PlanMember | None, status: pb.NodeStatus | None,
                 exclusion: pb.Exclusion | None) -> dict[str, Any]:
     """One node of the topology: its advert, its part of the plan, what it reports."""
@@ -159,6 +171,7 @@ def _node_entry(info: PeerInfo, member: pb.PlanMember | None, status: pb.NodeSta
         "streaming": bool(member and layers and member.window < len(layers)),
         "epoch": status.epoch if status else None,
         "decode_tokens_per_s": status.decode_tokens_per_s if status else None,
+        **_prefix_cache(status),
         "platform": info.platform, "chip": info.chip, "version": info.version,
         "excluded": None if exclusion is None else {
             "failure": FailureKind[pb.FailureKind.Name(exclusion.failure)].value,

@@ -68,7 +68,12 @@ class Runtime(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def prefix_stats(self) -> Any: ...  # dnet.prefix.store.PrefixStats, once ready
+
     def retarget(self, router: Router, epoch: int) -> None: ...
+
+    def set_prefix_capacity(self, capacity_bytes: int) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -84,6 +89,8 @@ class Entry(Protocol):
 
 
 LoadRuntime = Callable[[str, tuple[int, ...], int, Router, int], Runtime]
+# Called once a plan is committed, with the runtime this node now runs (None: no layers).
+OnCommit = Callable[[pb.PlanRequest, Runtime | None], None]
 
 
 class PrepareError(Exception):
@@ -150,7 +157,8 @@ def failure_of(exc: BaseException) -> FailureKind:
 class EpochHost:
     def __init__(self, node_id: str, entry: Entry, *, load_runtime: LoadRuntime,
                  check_layers: Callable[[str, tuple[int, ...]], None] | None = None,
-                 load_served: Callable[[str], ServedModel] | None = None) -> None:
+                 load_served: Callable[[str], ServedModel] | None = None,
+                 on_commit: OnCommit | None = None) -> None:
         self.node_id = node_id
         self.entry = entry
         self.plan: pb.PlanRequest | None = None  # committed
@@ -159,6 +167,7 @@ class EpochHost:
         self._load_runtime = load_runtime
         self._check_layers = check_layers or check_layers_loadable
         self._load_served = load_served or load_served_model
+        self._on_commit = on_commit
         self._assignment: Assignment | None = None
         self._prepared: _Prepared | None = None
         self._lock = threading.Lock()  # one plan change at a time
@@ -243,6 +252,8 @@ class EpochHost:
             self.runtime = runtime
             self._assignment = prepared.assignment
         self.plan, self.served = plan, prepared.served
+        if self._on_commit is not None:
+            self._on_commit(plan, self.runtime)
         self.entry.resume(head_address(plan), ring_epoch(plan))
 
     def wait_served(self, timeout_s: float) -> bool:

@@ -26,7 +26,7 @@ from discovery.identity import cluster_id, load_or_create_node_id
 from discovery.mdns import local_interfaces, resolve_ipv4
 from discovery.peers import PeerInfo
 from dnet import __version__
-from dnet.entry import RingEntry, local_address_towards
+from dnet.entry import PREFILL_CHUNK, RingEntry, local_address_towards
 from dnet.node import profiling
 from dnet.node.control import Unavailable, UnavailableKind
 from dnet.node.coordinator import Coordinator, CoordinatorOptions, LoadFailed
@@ -36,6 +36,7 @@ from dnet.node.rollout import ControlClient, GrpcControlClient, Rollout
 from dnet.node.service import ControlService, NodeRingService
 from dnet.node.sizes import format_bytes
 from dnet.plan_cli import ModelResolutionError, resolve_model_profile
+from dnet.prefix.budget import DEFAULT_SHARE, default_capacity
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from dnet.ring import auth
@@ -63,10 +64,20 @@ class JoinOptions:
     kv_ttl_s: float = 300.0
     context_tokens: int = 4096
     kv_cap_bytes: int | None = None
+    prefix_cache_bytes: int | None = None  # None: what the plan leaves, up to a share
+    prefill_chunk: int = PREFILL_CHUNK
     max_requests: int = 64
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
     special_tokens_in_messages: bool = False
+
+
+def planned_bytes(plan: pb.PlanRequest, node_id: str, budget: int) -> int:
+    """The memory `plan` fills on node `node_id` (weights, KV cache for the context); the
+    whole budget when the plan does not say."""
+    devices = json.loads(plan.plan_json).get("devices", []) if plan.plan_json else []
+    mine = next((d for d in devices if d.get("id") == node_id), None)
+    return int(mine["memory_bytes"]) if mine and "memory_bytes" in mine else budget
 
 
 def machine_addressing(host: str | None) -> Addressing:
@@ -97,9 +108,11 @@ class Node:
         # No plan yet: requests wait for the first one. A request a dying node fails is
         # replayed on the new ring.
         self.entry = RingEntry(head="", address=f"{self.address}:{options.grpc_port}",
-                               admitting=False, recover=True, max_requests=options.max_requests)
+                               admitting=False, recover=True, max_requests=options.max_requests,
+                               prefill_chunk=options.prefill_chunk)
         self.host = EpochHost(self.node_id, self.entry,
-                              load_runtime=load_runtime or self._load_runtime)
+                              load_runtime=load_runtime or self._load_runtime,
+                              on_commit=self._committed)
         self._stopping = threading.Event()
         self._measured = threading.Event()
         self._device: pb.DeviceInfo | None = None
@@ -229,7 +242,12 @@ class Node:
         member = self.host.my_member()
         stage = runtime.stage if runtime is not None and runtime.ready else None
         running = self.coordinator.running() if self.coordinator.is_me else None
+        prefix = runtime.prefix_stats if stage is not None and runtime is not None else None
+        hit_rate = prefix.hit_rate if prefix is not None else None
         return pb.NodeStatus(
+            prefix_cache_bytes=prefix.nbytes if prefix else 0,
+            prefix_cache_capacity_bytes=prefix.capacity_bytes if prefix else 0,
+            prefix_cache_hit_rate=-1.0 if hit_rate is None else hit_rate,
             running_plan=running,
             node_id=self.node_id, name=self.membership.me.name, epoch=self.host.epoch,
             model=self.host.plan.model if self.host.plan else "",
@@ -351,6 +369,7 @@ class Node:
             self._device = pb.DeviceInfo(
                 flops=flops, disk_read_bytes_per_s=disk,
                 memory_budget_bytes=self.membership.me.memory_budget_bytes,
+                prefix_cache_bytes=self.options.prefix_cache_bytes or 0,
                 chip=profiling.chip_name(), platform=profiling.platform_name())
             log.info("measured this device: %.1f GFLOP/s decode, disk %.1f GB/s", flops / 1e9,
                      disk / 1e9)
@@ -369,11 +388,23 @@ class Node:
         from dnet.stage import Stage
 
         model_dir = resolve_for_layers(model, layers)
+        # Without --prefix-cache-bytes the cache is sized at commit, from the plan.
         runtime = ShardRuntime(lambda: Stage(model_dir, list(layers), window=window or None),
                                router, model_name=model, kv_ttl_s=self.options.kv_ttl_s,
-                               epoch=epoch, kv_cap_bytes=self.options.kv_cap_bytes)
+                               epoch=epoch, kv_cap_bytes=self.options.kv_cap_bytes,
+                               prefix_cache_bytes=self.options.prefix_cache_bytes or 0)
         runtime.start()
         return runtime
+
+    def _committed(self, plan: pb.PlanRequest, runtime: Runtime | None) -> None:
+        """A plan is committed: size the prefix cache from it unless the flag did."""
+        if runtime is None or self.options.prefix_cache_bytes is not None:
+            return
+        budget = self.membership.me.memory_budget_bytes
+        capacity = default_capacity(budget, planned_bytes(plan, self.node_id, budget))
+        runtime.set_prefix_capacity(capacity)
+        log.info("prefix cache: %s (what the plan leaves of this node's budget, up to 1/%d)",
+                 format_bytes(capacity), DEFAULT_SHARE)
 
     def _membership_changed(self) -> None:
         self.coordinator.wake()

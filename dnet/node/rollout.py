@@ -201,10 +201,13 @@ def make_plan(peers: Sequence[PeerInfo], devices: Sequence[pb.DeviceInfo], *, mo
 
 
 def device_profile(peer: PeerInfo, device: pb.DeviceInfo) -> DeviceProfile:
+    """What the planner knows of a device. The memory it may fill with weights and KV cache is
+    the node's budget less what the node sets aside for its prefix cache."""
     peer_latency = dict(device.peer_latency_ms)
     default = (sum(peer_latency.values()) / len(peer_latency) if peer_latency
                else DEFAULT_LATENCY_MS)
-    return DeviceProfile(id=peer.node_id, memory_budget_bytes=int(device.memory_budget_bytes),
+    budget = max(0, int(device.memory_budget_bytes) - int(device.prefix_cache_bytes))
+    return DeviceProfile(id=peer.node_id, memory_budget_bytes=budget,
                          flops=device.flops, disk_read_bytes_per_s=device.disk_read_bytes_per_s,
                          latency_ms=default, peer_latency_ms=peer_latency)
 

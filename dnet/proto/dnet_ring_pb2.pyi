@@ -11,6 +11,7 @@ class FrameKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACTIVATION: _ClassVar[FrameKind]
     RELEASE: _ClassVar[FrameKind]
+    LOOKUP: _ClassVar[FrameKind]
 
 class UnavailableKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNREACHABLE: _ClassVar[FailureKind]
 ACTIVATION: FrameKind
 RELEASE: FrameKind
+LOOKUP: FrameKind
 AVAILABLE: UnavailableKind
 NO_COORDINATOR: UnavailableKind
 NO_MODEL: UnavailableKind
@@ -101,8 +103,18 @@ class SamplingParams(_message.Message):
     prompt_logprobs: bool
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., draws_done: _Optional[int] = ..., max_context: _Optional[int] = ..., grammar: _Optional[str] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
+class Block(_message.Message):
+    __slots__ = ("key", "parent", "snapshot")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    parent: bytes
+    snapshot: bool
+    def __init__(self, key: _Optional[bytes] = ..., parent: _Optional[bytes] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
 class Frame(_message.Message):
-    __slots__ = ("request_id", "kind", "next_layer", "position", "tokens", "hidden", "sample", "sampling", "entry", "head", "epoch", "batch", "batch_positions", "route")
+    __slots__ = ("request_id", "kind", "next_layer", "position", "tokens", "hidden", "sample", "sampling", "entry", "head", "epoch", "batch", "batch_positions", "route", "opens", "block_size", "reused_blocks", "history", "block", "block_keys")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NEXT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +129,12 @@ class Frame(_message.Message):
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    OPENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REUSED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kind: FrameKind
     next_layer: int
@@ -131,7 +149,13 @@ class Frame(_message.Message):
     batch: _containers.RepeatedScalarFieldContainer[str]
     batch_positions: _containers.RepeatedScalarFieldContainer[int]
     route: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[FrameKind, str]] = ..., next_layer: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., entry: _Optional[str] = ..., head: _Optional[str] = ..., epoch: _Optional[int] = ..., batch: _Optional[_Iterable[str]] = ..., batch_positions: _Optional[_Iterable[int]] = ..., route: _Optional[_Iterable[str]] = ...) -> None: ...
+    opens: bool
+    block_size: int
+    reused_blocks: int
+    history: _containers.RepeatedScalarFieldContainer[int]
+    block: Block
+    block_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[FrameKind, str]] = ..., next_layer: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., entry: _Optional[str] = ..., head: _Optional[str] = ..., epoch: _Optional[int] = ..., batch: _Optional[_Iterable[str]] = ..., batch_positions: _Optional[_Iterable[int]] = ..., route: _Optional[_Iterable[str]] = ..., opens: _Optional[bool] = ..., block_size: _Optional[int] = ..., reused_blocks: _Optional[int] = ..., history: _Optional[_Iterable[int]] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., block_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FrameStatus(_message.Message):
     __slots__ = ("request_id", "code", "message")
@@ -144,7 +168,7 @@ class FrameStatus(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("request_id", "index", "token", "logprob", "top_ids", "top_logprobs", "finish_reason", "error", "error_code", "prompt_logprobs")
+    __slots__ = ("request_id", "index", "token", "logprob", "top_ids", "top_logprobs", "finish_reason", "error", "error_code", "prompt_logprobs", "lookup", "reused_blocks", "cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +179,9 @@ class Token(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_FIELD_NUMBER: _ClassVar[int]
+    REUSED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token: int
@@ -165,7 +192,10 @@ class Token(_message.Message):
     error: str
     error_code: int
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PromptLogprob]
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ...) -> None: ...
+    lookup: bool
+    reused_blocks: int
+    cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprob, _Mapping]]] = ..., lookup: _Optional[bool] = ..., reused_blocks: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PromptLogprob(_message.Message):
     __slots__ = ("token", "logprob", "top_ids", "top_logprobs")
@@ -234,7 +264,7 @@ class MeasureRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("node_id", "flops", "disk_read_bytes_per_s", "memory_budget_bytes", "chip", "platform", "peer_latency_ms", "model_profile_json", "model_error")
+    __slots__ = ("node_id", "flops", "disk_read_bytes_per_s", "memory_budget_bytes", "chip", "platform", "peer_latency_ms", "model_profile_json", "model_error", "prefix_cache_bytes")
     class PeerLatencyMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +281,7 @@ class DeviceInfo(_message.Message):
     PEER_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     flops: float
     disk_read_bytes_per_s: float
@@ -260,7 +291,8 @@ class DeviceInfo(_message.Message):
     peer_latency_ms: _containers.ScalarMap[str, float]
     model_profile_json: str
     model_error: str
-    def __init__(self, node_id: _Optional[str] = ..., flops: _Optional[float] = ..., disk_read_bytes_per_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., platform: _Optional[str] = ..., peer_latency_ms: _Optional[_Mapping[str, float]] = ..., model_profile_json: _Optional[str] = ..., model_error: _Optional[str] = ...) -> None: ...
+    prefix_cache_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., flops: _Optional[float] = ..., disk_read_bytes_per_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., platform: _Optional[str] = ..., peer_latency_ms: _Optional[_Mapping[str, float]] = ..., model_profile_json: _Optional[str] = ..., model_error: _Optional[str] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class PlanMember(_message.Message):
     __slots__ = ("node_id", "name", "grpc_address", "http_port", "layers", "window")
@@ -337,7 +369,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "name", "epoch", "model", "layers", "window", "streaming", "memory_used_bytes", "memory_budget_bytes", "decode_tokens_per_s", "active_requests", "ready", "running_plan")
+    __slots__ = ("node_id", "name", "epoch", "model", "layers", "window", "streaming", "memory_used_bytes", "memory_budget_bytes", "decode_tokens_per_s", "active_requests", "ready", "running_plan", "prefix_cache_bytes", "prefix_cache_capacity_bytes", "prefix_cache_hit_rate")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +383,9 @@ class NodeStatus(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_PLAN_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     epoch: int
@@ -364,7 +399,10 @@ class NodeStatus(_message.Message):
     active_requests: int
     ready: bool
     running_plan: PlanRequest
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., epoch: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., streaming: _Optional[bool] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., ready: _Optional[bool] = ..., running_plan: _Optional[_Union[PlanRequest, _Mapping]] = ...) -> None: ...
+    prefix_cache_bytes: int
+    prefix_cache_capacity_bytes: int
+    prefix_cache_hit_rate: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., epoch: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., streaming: _Optional[bool] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., ready: _Optional[bool] = ..., running_plan: _Optional[_Union[PlanRequest, _Mapping]] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model",)

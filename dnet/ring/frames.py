@@ -1,19 +1,27 @@
 """Frames, the ring's unit of work: their kinds, and the one place that builds and checks them.
 
-A `pb.Frame` on the wire is one of three kinds (the conventions are also written in
+A `pb.Frame` on the wire is one of four kinds (the conventions are also written in
 `proto/dnet_ring.proto`):
 
 - a **request step**: one request's prompt chunk or one decode token. `request_id`,
   `next_layer` (the receiver runs its contiguous run of layers from there), `position` (the
-  KV position of the first token; 0 opens the request), `tokens`, `hidden` (absent exactly
-  when `next_layer` is 0), `sample` (the tail samples after it; false for prefill chunks),
-  `entry`, `head`, `epoch`; at position 0 only, `sampling` and `route`.
+  KV position of the first token), `tokens`, `hidden` (absent exactly when `next_layer` is
+  0), `sample` (the tail samples after it; false for prefill chunks), `entry`, `head`,
+  `epoch`. The request's first step is its *opening*: it carries `sampling`, `route` and
+  what the prefix cache needs (`block_size`, `reused_blocks`, `history`), and starts at
+  position 0, or past the prefix every shard restores from its cache (`reused_blocks *
+  block_size`, with `opens` set: a step past 0 opens its request only so). A full prefill
+  chunk names the cache `block` it leaves.
 - a **train step**: the decode steps of several requests moving as one batch. `request_id`
   is then the *train's* id, `batch` the member request ids, `batch_positions` and `tokens`
   one per member, `hidden` one row per member; always sampled; no `entry` (the tail knows
   each member's), no `sampling`.
 - a **release** (`kind` RELEASE): drop `request_id`'s KV cache; the receiver passes it on
   from the run that starts at `next_layer`.
+- a **lookup** (`kind` LOOKUP): how many leading blocks of a prompt (`block_keys`) every
+  shard can restore from its prefix cache. Each shard pins what it can for `request_id` and
+  passes the lookup on like a release, with `reused_blocks` the least depth so far; the
+  shard that ends the model answers the entry with a `lookup_reply` token.
 
 Shards, the tail and the entry work on the typed messages below and turn them into frames
 only with `to_wire`; frames off the wire become typed messages only through `parse`, which
@@ -80,10 +88,34 @@ class Rows:
 
 @dataclass(frozen=True, slots=True)
 class Opening:
-    """What only a request's first frame (position 0) carries."""
+    """What only a request's first step carries.
+
+    The step starts at `reused_blocks * block_size`: every shard first restores the prompt's
+    first `reused_blocks` blocks from its prefix cache (pinned by a lookup). `history` holds
+    the reused prompt tokens when the request's sampler needs them (penalties), as the tail
+    would otherwise have seen them pass.
+    """
 
     sampling: pb.SamplingParams
     route: tuple[str, ...] = ()  # the shards the frame passed, so the tail counts stages
+    block_size: int = 0  # the entry's prefill chunk, in tokens (0: no prompt chunking known)
+    reused_blocks: int = 0
+    history: tuple[int, ...] = ()
+
+    @property
+    def start(self) -> int:
+        """The KV position the request opens at."""
+        return self.reused_blocks * self.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class CacheBlock:
+    """The prefix-cache block a full prefill chunk leaves: its key, its parent's (empty for a
+    prompt's first), and whether recurrent-state layers keep a snapshot at its end."""
+
+    key: bytes
+    parent: bytes
+    snapshot: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +131,18 @@ class RequestStep:
     entry: str  # host:port of the entry's token sink
     head: str  # host:port of the shard holding layer 0
     epoch: int
-    opening: Opening | None  # set exactly when position == 0
+    opening: Opening | None  # set on the request's first step only
+    block: CacheBlock | None = None  # set on a full prefill chunk
 
     def __post_init__(self) -> None:
-        if (self.opening is None) != (self.position != 0) or (
-                (self.hidden is None) != (self.layer == 0)):
-            raise ValueError("a request step carries its opening exactly at position 0, and "
-                             "hidden states exactly when it does not start at layer 0")
+        first = self.position > 0 if self.opening is None else (
+            self.position == self.opening.start)
+        if not first or (self.hidden is None) != (self.layer == 0):
+            raise ValueError("a request step carries its opening exactly at its first "
+                             "position (0, or past its reused prefix), and hidden states "
+                             "exactly when it does not start at layer 0")
+        if self.block is not None and self.sample:
+            raise ValueError("only prefill chunks leave prefix-cache blocks")
 
     @property
     def rows(self) -> Rows:
@@ -152,8 +189,29 @@ class Release:
     epoch: int
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """How many of `keys` (a prompt's block keys, in order) every shard can restore.
+
+    Each shard pins the blocks it can restore for `request_id` and passes the lookup on from
+    the run starting at `layer`, with `depth` the least depth so far (at most len(keys)).
+    """
+
+    request_id: str
+    layer: int
+    keys: tuple[bytes, ...]
+    depth: int
+    entry: str
+    head: str
+    epoch: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.depth <= len(self.keys):
+            raise ValueError("a lookup's depth is between 0 and its number of keys")
+
+
 Step = RequestStep | TrainStep
-Message = RequestStep | TrainStep | Release
+Message = RequestStep | TrainStep | Release | Lookup
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +236,18 @@ def to_wire(message: Message) -> pb.Frame:
                          epoch=message.epoch)
         if message.hidden is not None:
             frame.hidden.CopyFrom(message.hidden)
-        if message.opening is not None:
-            frame.sampling.CopyFrom(message.opening.sampling)
-            frame.route.extend(message.opening.route)
+        opening = message.opening
+        if opening is not None:
+            frame.opens = True
+            frame.sampling.CopyFrom(opening.sampling)
+            frame.route.extend(opening.route)
+            frame.block_size = opening.block_size
+            frame.reused_blocks = opening.reused_blocks
+            frame.history.extend(opening.history)
+        if message.block is not None:
+            frame.block.key = message.block.key
+            frame.block.parent = message.block.parent
+            frame.block.snapshot = message.block.snapshot
         return frame
     if isinstance(message, TrainStep):
         frame = pb.Frame(request_id=message.train_id, next_layer=message.layer,
@@ -190,6 +257,10 @@ def to_wire(message: Message) -> pb.Frame:
         if message.hidden is not None:
             frame.hidden.CopyFrom(message.hidden)
         return frame
+    if isinstance(message, Lookup):
+        return pb.Frame(request_id=message.request_id, kind=pb.LOOKUP, next_layer=message.layer,
+                        block_keys=message.keys, reused_blocks=message.depth,
+                        entry=message.entry, head=message.head, epoch=message.epoch)
     return pb.Frame(request_id=message.request_id, kind=pb.RELEASE,
                     next_layer=-1 if message.layer is None else message.layer,
                     head=message.head, epoch=message.epoch)
@@ -205,9 +276,10 @@ def next_hop(step: Step, layer: int, hidden: pb.Tensor, route_via: str) -> Step:
                          hidden, step.head, step.epoch)
     opening = step.opening
     if opening is not None:
-        opening = Opening(opening.sampling, (*opening.route, route_via))
+        opening = Opening(opening.sampling, (*opening.route, route_via), opening.block_size,
+                          opening.reused_blocks, opening.history)
     return RequestStep(step.request_id, layer, step.position, step.tokens, hidden, step.sample,
-                       step.entry, step.head, step.epoch, opening)
+                       step.entry, step.head, step.epoch, opening, step.block)
 
 
 def token(request_id: str, index: int, token_id: int, *, logprob: float = 0.0,
@@ -218,6 +290,11 @@ def token(request_id: str, index: int, token_id: int, *, logprob: float = 0.0,
     return pb.Token(request_id=request_id, index=index, token=token_id, logprob=logprob,
                     top_ids=top_ids or [], top_logprobs=top_logprobs or [],
                     finish_reason=finish.value, prompt_logprobs=prompt_logprobs or [])
+
+
+def lookup_reply(request_id: str, reused_blocks: int) -> pb.Token:
+    """The answer to a lookup: every shard can restore the first `reused_blocks` blocks."""
+    return pb.Token(request_id=request_id, lookup=True, reused_blocks=reused_blocks)
 
 
 def failure(request_id: str, status: int, message: str) -> pb.Token:
@@ -248,6 +325,8 @@ def parse(frame: pb.Frame, shard: ShardView) -> Message:
         raise FrameRejected(Status.FAILED_PRECONDITION,
                             f"this shard does not hold layer {frame.next_layer} "
                             f"(it holds {sorted(shard.held)})")
+    if frame.kind == pb.LOOKUP:
+        return _lookup(frame)
     if not frame.tokens:
         raise FrameRejected(Status.INVALID_ARGUMENT, "frame carries no tokens")
     rows = 1
@@ -272,9 +351,44 @@ def parse(frame: pb.Frame, shard: ShardView) -> Message:
         return TrainStep(frame.request_id, frame.next_layer, tuple(frame.batch),
                          tuple(frame.batch_positions), tuple(frame.tokens), hidden,
                          frame.head, frame.epoch)
-    opening = Opening(frame.sampling, tuple(frame.route)) if frame.position == 0 else None
+    # Position 0 is only ever a request's first step; past it, `opens` says so.
+    opening = _opening(frame, shard) if frame.opens or frame.position == 0 else None
+    block = None
+    if frame.HasField("block"):
+        if not frame.block.key or frame.sample:
+            raise FrameRejected(Status.INVALID_ARGUMENT,
+                                "a cache block needs a key and a prefill chunk")
+        block = CacheBlock(frame.block.key, frame.block.parent, frame.block.snapshot)
+    if opening is not None and frame.position != opening.start:
+        raise FrameRejected(Status.INVALID_ARGUMENT,
+                            f"a request opens at position 0 or past its reused prefix "
+                            f"({opening.start}); this opening is at {frame.position}")
     return RequestStep(frame.request_id, frame.next_layer, frame.position, tuple(frame.tokens),
-                       hidden, frame.sample, frame.entry, frame.head, frame.epoch, opening)
+                       hidden, frame.sample, frame.entry, frame.head, frame.epoch, opening, block)
+
+
+def _opening(frame: pb.Frame, shard: ShardView) -> Opening:
+    if frame.reused_blocks < 0 or frame.block_size < 0 or (
+            frame.reused_blocks and not frame.block_size):
+        raise FrameRejected(Status.INVALID_ARGUMENT,
+                            "reused_blocks and block_size must be >= 0, block_size > 0 with "
+                            "reused blocks")
+    bad = [t for t in frame.history if not 0 <= t < shard.vocab_size]
+    if bad:
+        raise FrameRejected(Status.INVALID_ARGUMENT,
+                            f"history token ids out of range 0..{shard.vocab_size - 1}: "
+                            f"{bad[:5]}")
+    return Opening(frame.sampling, tuple(frame.route), frame.block_size, frame.reused_blocks,
+                   tuple(frame.history))
+
+
+def _lookup(frame: pb.Frame) -> Lookup:
+    keys = tuple(frame.block_keys)
+    if not keys or not all(keys) or not 0 <= frame.reused_blocks <= len(keys):
+        raise FrameRejected(Status.INVALID_ARGUMENT,
+                            "a lookup needs block keys and a depth between 0 and their number")
+    return Lookup(frame.request_id, frame.next_layer, keys, frame.reused_blocks, frame.entry,
+                  frame.head, frame.epoch)
 
 
 def check_hidden(tensor: pb.Tensor, rows: int, tokens_per_row: int, hidden_size: int) -> None:

@@ -52,11 +52,18 @@ class Retarget:
 
 
 @dataclass(frozen=True)
+class PrefixCapacity:
+    """Let the prefix cache hold `capacity_bytes` from now on (evicting down to it)."""
+
+    capacity_bytes: int
+
+
+@dataclass(frozen=True)
 class Stop:
     """Leave the compute loop."""
 
 
-Control = LinkBroken | EntryGone | Rejected | Retarget | Stop
+Control = LinkBroken | EntryGone | Rejected | Retarget | PrefixCapacity | Stop
 Inbound = Message | Control
 
 

@@ -89,11 +89,12 @@ class ShardService(pb_grpc.RingServicer):  # type: ignore[misc]  # generated unt
 
 def run_shard(model: str, model_dir: Path, layers: list[int], host: str, port: int,
               next_address: str, window: int | None, kv_ttl_s: float,
-              stop: threading.Event, kv_cap_bytes: int | None = None) -> None:
+              stop: threading.Event, kv_cap_bytes: int | None = None,
+              prefix_cache_bytes: int | None = None) -> None:
     """Load the layers, serve the ring until `stop` is set."""
     runtime = ShardRuntime(lambda: Stage(model_dir, layers, window=window),
                            ManualRouter(next_address), model_name=model, kv_ttl_s=kv_ttl_s,
-                           kv_cap_bytes=kv_cap_bytes)
+                           kv_cap_bytes=kv_cap_bytes, prefix_cache_bytes=prefix_cache_bytes)
     runtime.start()
     server, bound = start_server(ShardService(runtime), host, port)
     log.info("shard ready on %s:%d, layers %s, next hop %s", host, bound, layers, next_address)

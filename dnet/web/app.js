@@ -336,6 +336,16 @@ function memoryBar(node) {
   return wrap;
 }
 
+// The shard's prefix cache: bytes held of its capacity, and the share of looked-up prompt
+// blocks it could restore.
+function prefixCache(node) {
+  if (!node.layers.length || !node.prefix_cache_capacity_bytes) return "–";
+  const rate = node.prefix_cache_hit_rate;
+  const hits = rate == null ? "no lookups yet" : `${(rate * 100).toFixed(0)}% hits`;
+  return `${formatBytes(node.prefix_cache_bytes)} / ${
+    formatBytes(node.prefix_cache_capacity_bytes)} · ${hits}`;
+}
+
 function showNodes(t) {
   const body = $("nodes").tBodies[0];
   body.replaceChildren();
@@ -360,6 +370,7 @@ function showNodes(t) {
     cell(row, layerRanges(node.layers) || "–");
     cell(row, node.layers.length ? `${node.window}${node.streaming ? " · streams" : ""}` : "–");
     cell(row, memoryBar(node));
+    cell(row, prefixCache(node), "num");
     cell(row, node.decode_tokens_per_s ? node.decode_tokens_per_s.toFixed(1) : "–", "num");
     cell(row, node.epoch == null ? "–" : String(node.epoch), "num");
     cell(row, [node.chip || node.platform, node.version && `dnet ${node.version}`]
