@@ -71,10 +71,21 @@ def _add_prefill_chunk(p: argparse.ArgumentParser) -> None:
                         f"(default {PREFILL_CHUNK}; mlx-lm's prefill_step_size)")
 
 
+def _add_kv_ttl(p: argparse.ArgumentParser) -> None:
+    from dnet.shard.decisions import DEFAULT_KV_TTL_S
+
+    p.add_argument("--kv-ttl", type=cli_args.positive_float, default=DEFAULT_KV_TTL_S,
+                   help="seconds before an idle request's KV cache is dropped "
+                        f"(default {DEFAULT_KV_TTL_S:g})")
+
+
 def _add_http_limits(p: argparse.ArgumentParser) -> None:
+    from dnet.entry.decisions import DEFAULT_MAX_REQUESTS
+
     p.add_argument("--max-requests", type=cli_args.positive_int,
-                   default=os.environ.get("DNET_MAX_REQUESTS", "64"),
-                   help="concurrent requests this node accepts; past it a 429 (default 64)")
+                   default=os.environ.get("DNET_MAX_REQUESTS", str(DEFAULT_MAX_REQUESTS)),
+                   help="concurrent requests this node accepts; past it a 429 "
+                        f"(default {DEFAULT_MAX_REQUESTS})")
     p.add_argument("--api-key", default=os.environ.get("DNET_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on the "
                         "HTTP API")
@@ -115,8 +126,7 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
                    help="layers kept resident at once (default: all layers held)")
     p.add_argument("--host", type=cli_args.host, default="0.0.0.0",
                    help="address (or host name) to listen on (default 0.0.0.0)")
-    p.add_argument("--kv-ttl", type=cli_args.positive_float, default=300.0,
-                   help="seconds before an idle request's KV cache is dropped (default 300)")
+    _add_kv_ttl(p)
     _add_kv_cap(p)
     _add_prefix_cache(p)
     _add_cluster_key(p)
@@ -152,14 +162,18 @@ def run_shard_command(args: argparse.Namespace) -> int:
 
 
 def add_api_arguments(p: argparse.ArgumentParser) -> None:
+    from dnet.entry import Timeouts
     p.add_argument("-a", "--address", default="0.0.0.0:8080",
                    help="HTTP address to listen on, host:port (default 0.0.0.0:8080)")
     p.add_argument("-s", "--shard", required=True, help="first shard's host:port (layer 0)")
     p.add_argument("-m", "--model", required=True, help="model id or path; must match shards")
     p.add_argument("--max-context", type=cli_args.positive_int, default=None,
                    help="longest prompt plus answer, in tokens (default: the model's)")
-    p.add_argument("--token-timeout", type=cli_args.positive_float, default=120.0,
-                   help="seconds to wait for the next token before failing (default 120)")
+    p.add_argument("--token-timeout", type=cli_args.positive_float,
+                   default=Timeouts.next_token_s,
+                   help="seconds to wait for the next token before failing "
+                        f"(default {Timeouts.next_token_s:g}; the first token may take "
+                        f"{Timeouts.first_token_s:g})")
     _add_prefill_chunk(p)
     _add_http_limits(p)
     _add_cluster_key(p)
@@ -171,7 +185,7 @@ def run_api_command(args: argparse.Namespace) -> int:
     from dnet.entry import Timeouts
     from dnet.tokenizer import load_chat_tokenizer
 
-    timeouts = Timeouts(first_token_s=max(300.0, args.token_timeout),
+    timeouts = Timeouts(first_token_s=max(Timeouts.first_token_s, args.token_timeout),
                         next_token_s=args.token_timeout)
     try:
         run_api(args.model, args.address, args.shard, max_context=args.max_context,
@@ -204,6 +218,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def add_join_arguments(p: argparse.ArgumentParser) -> None:
+    from planner.devices import DEFAULT_CONTEXT_TOKENS
     p.add_argument("--model", default=os.environ.get("DNET_MODEL", ""),
                    help="the model this node proposes for the cluster (path or HF repo id)")
     p.add_argument("--name", default=os.environ.get("DNET_NAME", ""),
@@ -225,10 +240,10 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     _add_cluster_key(p)
     p.add_argument("--state-dir", default=os.environ.get("DNET_STATE_DIR", "~/.config/dnet"),
                    help="where the node id is kept (default ~/.config/dnet)")
-    p.add_argument("--context", type=cli_args.positive_int, default=4096,
-                   help="tokens of KV cache the plan reserves per request (default 4096)")
-    p.add_argument("--kv-ttl", type=cli_args.positive_float, default=300.0,
-                   help="seconds before an idle request's KV cache is dropped (default 300)")
+    p.add_argument("--context", type=cli_args.positive_int, default=DEFAULT_CONTEXT_TOKENS,
+                   help="tokens of KV cache the plan reserves per request "
+                        f"(default {DEFAULT_CONTEXT_TOKENS})")
+    _add_kv_ttl(p)
     _add_kv_cap(p)
     _add_prefix_cache(p)
     _add_prefill_chunk(p)

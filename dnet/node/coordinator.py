@@ -34,6 +34,7 @@ from dnet.node.control import (
 from dnet.node.host import EpochHost
 from dnet.node.rollout import CannotPlan, Deadlines, NodesFailed, Rollout, describe, make_plan
 from dnet.proto import dnet_ring_pb2 as pb
+from planner.devices import DEFAULT_CONTEXT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Members(Protocol):
 
 @dataclass(frozen=True)
 class CoordinatorOptions:
-    context_tokens: int = 4096
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
     quiet_s: float = RE_PLAN_QUIET_S
     deadlines: Deadlines = field(default_factory=Deadlines)
 

@@ -26,7 +26,7 @@ from discovery.identity import cluster_id, load_or_create_node_id
 from discovery.mdns import local_interfaces, resolve_ipv4
 from discovery.peers import PeerInfo
 from dnet import __version__
-from dnet.entry import PREFILL_CHUNK, RingEntry, local_address_towards
+from dnet.entry import DEFAULT_MAX_REQUESTS, PREFILL_CHUNK, RingEntry, local_address_towards
 from dnet.node import profiling
 from dnet.node.control import Unavailable, UnavailableKind
 from dnet.node.coordinator import Coordinator, CoordinatorOptions, LoadFailed
@@ -41,7 +41,9 @@ from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from dnet.ring import auth
 from dnet.ring.links import listen_socket, start_server
+from dnet.shard.decisions import DEFAULT_KV_TTL_S
 from dnet.shard.router import Router
+from planner.devices import DEFAULT_CONTEXT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,12 @@ class JoinOptions:
     memory_budget_bytes: int | None = None
     cluster_key: str | None = None
     state_dir: Path = Path("~/.config/dnet")
-    kv_ttl_s: float = 300.0
-    context_tokens: int = 4096
+    kv_ttl_s: float = DEFAULT_KV_TTL_S
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
     kv_cap_bytes: int | None = None
     prefix_cache_bytes: int | None = None  # None: what the plan leaves, up to a share
     prefill_chunk: int = PREFILL_CHUNK
-    max_requests: int = 64
+    max_requests: int = DEFAULT_MAX_REQUESTS
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
     special_tokens_in_messages: bool = False
