@@ -96,6 +96,28 @@ def test_a_first_plan_waits_for_the_quiet_period_then_covers_every_member() -> N
     assert action == Replan(Target(MODEL, frozenset({"a", "b"})))
 
 
+def test_a_node_that_just_started_listens_before_it_plans() -> None:
+    listen, most = control.DISCOVERY_S, control.DISCOVERY_MAX_S
+    assert control.listening_until(100.0, 100.0, 0) == 100.0 + listen
+    assert control.listening_until(100.0, 100.0 + listen - 0.01, 0) == 100.0 + listen
+    assert control.listening_until(100.0, 100.0 + listen, 0) is None, "alone: it plans"
+    # A peer seen but not yet health-checked holds planning up, but not for ever.
+    assert control.listening_until(100.0, 100.0 + listen, 1) == 100.0 + most
+    assert control.listening_until(100.0, 100.0 + most, 1) is None
+    assert control.listening_until(100.0, 100.0 + 3600, 5) is None
+
+
+@given(st.floats(0, 1e6), st.floats(0, 100), st.integers(0, 5))
+@FAST
+def test_listening_ends_by_the_longest_window_and_never_waits_into_the_past(
+        started: float, elapsed: float, unchecked: int) -> None:
+    until = control.listening_until(started, started + elapsed, unchecked)
+    if elapsed >= control.DISCOVERY_MAX_S:
+        assert until is None
+    if until is not None:
+        assert started + elapsed < until <= started + control.DISCOVERY_MAX_S
+
+
 def test_the_running_plan_for_the_same_members_and_model_means_nothing_to_do() -> None:
     _, action = decide(settled(A, B), View((A, B), MODEL, running("a", "b")), 10, QUIET)
     assert action == Wait(None)

@@ -70,8 +70,9 @@ def test_a_model_that_fits_nowhere_is_the_same_503_everywhere(tmp_path: Path) ->
     node = build_node(tmp_path, mesh, model=MODEL)
     clock = Clock()
     node.coordinator._clock = clock
+    node.coordinator._listening_from = clock.now
     node.coordinator.step()
-    clock.now += 5  # past the quiet period
+    clock.now += 5  # past the quiet period and the listening after the start
     node.coordinator.step()
     verdict = node.unavailable()
     assert verdict.kind is UnavailableKind.CANNOT_PLAN and "bytes" in verdict.message
@@ -156,6 +157,7 @@ def test_the_topology_shows_a_node_left_out_and_why(tmp_path: Path) -> None:
     mesh.nodes[node.node_id].readable = set()  # this machine lacks the model's files
     clock = Clock()
     node.coordinator._clock = clock
+    node.coordinator._listening_from = clock.now
     node.coordinator.step()
     clock.now += 5
     node.coordinator.step()

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from discovery.election import RE_PLAN_QUIET_S
 from discovery.peers import PeerInfo, PeerState
 from dnet.local_ring import free_port
+from dnet.node import control
 from dnet.node.control import FailureKind, UnavailableKind
 from dnet.node.coordinator import Coordinator, CoordinatorOptions, LoadFailed
 from dnet.node.host import EpochHost, PrepareError, ServedModel
@@ -121,6 +123,12 @@ class Members:
     me: PeerInfo
     peers: list[PeerInfo] = field(default_factory=list)
 
+    unchecked: list[PeerInfo] = field(default_factory=list)  # seen, not yet health-checked
+
+    def states(self) -> list[PeerState]:
+        return [*self.healthy_states(),
+                *(PeerState(info, 0.0, 0.0, 0, 0, 0) for info in self.unchecked)]
+
     def healthy_states(self) -> list[PeerState]:
         return [PeerState(info, 0.0, 0.0, 0, 0, 0, verified=True) for info in self.peers]
 
@@ -137,7 +145,7 @@ def coordinator_of(mesh: InProcessMesh, me: str, pool: ThreadPoolExecutor,
     members = Members(node.info, [n.info for i, n in mesh.nodes.items() if i != me])
     coordinator = Coordinator(node.host, members, Rollout(mesh, pool), proposed_model=MODEL,
                               started_at=node.info.started_at, clock=clock,
-                              options=CoordinatorOptions(quiet_s=2.0))
+                              options=CoordinatorOptions(quiet_s=2.0, discovery_s=0.0))
     return coordinator, members
 
 
@@ -173,6 +181,29 @@ def test_a_fresh_mesh_forms_without_the_node_that_cannot_read_the_model(pool) ->
     assert "not a directory" in exclusion.failure.message
     assert coordinator.unavailable([broken.info, good.info]) is None
     assert coordinator.leads_epoch == plan.epoch, "it still coordinates"
+
+
+def test_a_joining_node_hears_the_mesh_before_it_plans_a_ring_of_its_own(pool) -> None:
+    mesh, clock = InProcessMesh(), Clock()
+    senior = mesh.add("a", started_at=0.5)
+    mesh.add("b")
+    members = Members(mesh.nodes["b"].info)
+    coordinator = Coordinator(mesh.nodes["b"].host, members, Rollout(mesh, pool),
+                              proposed_model=MODEL, started_at=1.0, clock=clock)
+    # Alone past the quiet period, but still listening: no ring of one.
+    assert coordinator.step() == 1000.0 + RE_PLAN_QUIET_S
+    clock.now += RE_PLAN_QUIET_S
+    assert coordinator.step() == 1000.0 + control.DISCOVERY_S
+    # The senior node is seen over mDNS, not yet checked: still listening.
+    members.unchecked.append(senior.info)
+    clock.now = 1000.0 + control.DISCOVERY_S
+    assert coordinator.step() == 1000.0 + control.DISCOVERY_MAX_S
+    assert coordinator.running() is None and not mesh.calls
+    # It answers its health check: the senior node coordinates, the newcomer follows.
+    members.unchecked.clear()
+    members.peers.append(senior.info)
+    assert coordinator.step() is None
+    assert coordinator.coordinator_id == "a" and not coordinator.is_me
 
 
 def test_a_newcomer_that_fails_is_excluded_and_the_ring_is_never_drained(pool) -> None:

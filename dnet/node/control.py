@@ -24,6 +24,12 @@ from discovery.election import RE_PLAN_QUIET_S, Debounce, step
 
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 60.0
+# A node that just started listens before it plans, so a node joining a mesh hears the nodes
+# already there (and follows their coordinator) instead of planning a ring of itself first.
+DISCOVERY_S = 3.0
+# It waits for peers it has seen over mDNS but not yet health-checked up to this long after
+# its start; an advert of a dead node (never answering) cannot hold planning up longer.
+DISCOVERY_MAX_S = 15.0
 
 
 class FailureKind(Enum):
@@ -140,6 +146,20 @@ class Replan:
 
 
 Action = Wait | Replan
+
+
+def listening_until(started: float, now: float, unchecked: int,
+                    discovery_s: float = DISCOVERY_S,
+                    discovery_max_s: float = DISCOVERY_MAX_S) -> float | None:
+    """Until when (monotonic seconds) a node started at `started` listens before it plans, or
+    None once it may plan. `unchecked` is the number of peers seen but not yet health-checked:
+    while any remains, listening lasts up to `discovery_max_s` after the start (the caller is
+    woken as soon as one answers)."""
+    if now < started + discovery_s:
+        return started + discovery_s
+    if unchecked > 0 and now < started + discovery_max_s:
+        return started + discovery_max_s
+    return None
 
 
 def backoff_s(failures: int) -> float:

@@ -51,6 +51,8 @@ class Members(Protocol):
     @property
     def me(self) -> PeerInfo: ...
 
+    def states(self) -> list[PeerState]: ...
+
     def healthy_states(self) -> list[PeerState]: ...
 
 
@@ -58,6 +60,8 @@ class Members(Protocol):
 class CoordinatorOptions:
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     quiet_s: float = RE_PLAN_QUIET_S
+    discovery_s: float = control.DISCOVERY_S  # see control.listening_until
+    discovery_max_s: float = control.DISCOVERY_MAX_S
     deadlines: Deadlines = field(default_factory=Deadlines)
 
 
@@ -87,6 +91,7 @@ class Coordinator:
         self.coordinator_id: str | None = None
         self.leads_epoch = 0
         self._clock = clock
+        self._listening_from = clock()
         self._state = ControlState()
         self._running: pb.PlanRequest | None = None  # the last plan this node committed
         self._loaded = ""  # the model of the last `dnet load`
@@ -99,6 +104,7 @@ class Coordinator:
     # ----- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
+        self._listening_from = self._clock()
         self._thread.start()
 
     def stop(self) -> None:
@@ -147,6 +153,12 @@ class Coordinator:
             self._state = state
         if isinstance(action, control.Wait):
             return action.until
+        unchecked = sum(1 for state in self.members.states() if not state.verified)
+        listening = control.listening_until(self._listening_from, now, unchecked,
+                                            self.options.discovery_s,
+                                            self.options.discovery_max_s)
+        if listening is not None:  # a node that just started plans only once it has heard
+            return listening
         self._replan(action.target, infos, [s.epoch for s in states])
         return self._clock()
 
