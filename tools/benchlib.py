@@ -82,5 +82,20 @@ def aggregate_decode_tok_s(traces: list[StreamTrace]) -> float:
     return decoded / max(span, 1e-9)
 
 
+def steady_decode_tok_s(traces: list[StreamTrace]) -> float | None:
+    """Aggregate decode tok/s while every stream decodes: the tokens that arrive after the
+    last stream's first token, up to the first stream's last token, over that window. With
+    staggered starts (a ring prefills concurrent prompts one after another, mlx-lm's
+    BatchGenerator all at once) this leaves out the prefill of later streams, which
+    `aggregate_decode_tok_s` counts as decode time. None when the streams never all decode
+    at once."""
+    start = max(t.arrivals[0] for t in traces)
+    end = min(t.arrivals[-1] for t in traces)
+    if end <= start:
+        return None
+    tokens = sum(1 for t in traces for arrival in t.arrivals if start < arrival <= end)
+    return tokens / (end - start)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)

@@ -58,7 +58,8 @@ class StreamRefused(ConnectionError):
     """The server refused a stream's hello (e.g. UNAUTHENTICATED)."""
 
 
-def _tune(sock: socket.socket) -> None:
+def tune(sock: socket.socket) -> None:
+    """The data plane's socket options: no Nagle delay, keepalive, a user timeout."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPALIVE", KEEPALIVE_IDLE_S),
@@ -267,7 +268,7 @@ class ClientStream:
                 if not retry:
                     raise ConnectionError(f"UNAVAILABLE: {exc}") from None
         sock.settimeout(None)
-        _tune(sock)
+        tune(sock)
         hello = {"method": self._method,
                  "auth": auth.sign(self._method)}
         sock.sendall(_packed(json.dumps(hello).encode()))
@@ -366,7 +367,7 @@ class DataListener:
                              name=f"data-peer-{peer[0]}:{peer[1]}", daemon=True).start()
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
-        _tune(sock)
+        tune(sock)
         writer = Writer(peer, lambda reason: log.debug("reply to %s failed: %s", peer, reason))
         try:
             with sock, sock.makefile("rb") as reader:
