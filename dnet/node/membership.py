@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -37,6 +38,19 @@ from dnet.ring import auth
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
+# The planner's hop latency to a peer: half the least round trip of the last LATENCY_SAMPLES
+# health checks (one a second). A minimum, not an average: a busy moment (start-up, loading a
+# model) only ever adds to a round trip, and it must not price the network (29.9 ms "hops" were
+# measured on a busy machine whose quiet round trip was 0.4 ms). A peer seen for the first
+# time is pinged FIRST_CONTACT_PINGS times at once, so a plan made seconds later has samples.
+LATENCY_SAMPLES = 30
+FIRST_CONTACT_PINGS = 5
+
+
+def one_way_latency_ms(round_trips_ms: Sequence[float]) -> float:
+    """A hop's latency from measured round trips (ms): half the least; raises ValueError on
+    no samples."""
+    return min(round_trips_ms) / 2
 
 HealthCheck = Callable[[PeerInfo], "pb.HealthReply | None"]
 
@@ -61,7 +75,7 @@ class Membership:
         self._addressing = addressing
         self._lock = threading.Lock()
         self._table: dict[str, PeerState] = {}
-        self._latency_ms: dict[str, float] = {}
+        self._round_trips_ms: dict[str, deque[float]] = {}
         self._replies: dict[str, pb.HealthReply] = {}
         self._other_clusters: dict[str, str] = {}  # cluster id -> first node seen there
         self._channels: dict[str, grpc.Channel] = {}
@@ -116,8 +130,10 @@ class Membership:
         return [state for state in self.states() if peers.is_healthy(state)]
 
     def latencies_ms(self) -> dict[str, float]:
+        """Each peer's hop latency for the planner (`one_way_latency_ms`)."""
         with self._lock:
-            return dict(self._latency_ms)
+            return {node_id: one_way_latency_ms(samples)
+                    for node_id, samples in self._round_trips_ms.items() if samples}
 
     def peer(self, node_id: str) -> PeerInfo | None:
         with self._lock:
@@ -254,7 +270,7 @@ class Membership:
             before = {node_id: s.verified for node_id, s in self._table.items()}
             self._table = peers.expire(self._table, now)
             for node_id in set(before) - set(self._table):
-                self._latency_ms.pop(node_id, None)
+                self._round_trips_ms.pop(node_id, None)
                 self._replies.pop(node_id, None)
                 if before[node_id]:  # an unverified re-admission leaving is no news
                     log.info("dropped %s: not seen for %.0f s", node_id, peers.PEER_TIMEOUT_S)
@@ -277,16 +293,23 @@ class Membership:
         if channel is None:
             channel = auth.channel(info.grpc_address)
             self._channels[info.grpc_address] = channel
-        started = time.perf_counter()
-        try:
-            reply = pb_grpc.RingStub(channel).Health(pb.HealthRequest(),
-                                                     timeout=HEALTH_TIMEOUT_S)
-        except grpc.RpcError:
-            return None
-        if reply.node_id != info.node_id:
-            return None  # someone else answers at that address now
-        round_trip_ms = (time.perf_counter() - started) * 1000
         with self._lock:
-            previous = self._latency_ms.get(info.node_id, round_trip_ms / 2)
-            self._latency_ms[info.node_id] = 0.7 * previous + 0.3 * round_trip_ms / 2
+            first_contact = info.node_id not in self._round_trips_ms
+        reply = None
+        for _ in range(FIRST_CONTACT_PINGS if first_contact else 1):
+            started = time.perf_counter()
+            try:
+                reply = pb_grpc.RingStub(channel).Health(pb.HealthRequest(),
+                                                         timeout=HEALTH_TIMEOUT_S)
+            except grpc.RpcError:
+                return None
+            if reply.node_id != info.node_id:
+                return None  # someone else answers at that address now
+            self.record_round_trip(info.node_id, (time.perf_counter() - started) * 1000)
         return reply
+
+    def record_round_trip(self, node_id: str, round_trip_ms: float) -> None:
+        """One measured round trip to a peer (ms)."""
+        with self._lock:
+            self._round_trips_ms.setdefault(
+                node_id, deque(maxlen=LATENCY_SAMPLES)).append(round_trip_ms)
