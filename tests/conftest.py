@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dnet.entry import PREFILL_CHUNK
 from dnet.local_ring import LocalRing
 from dnet.modelgen import ARCHITECTURES, ModelSpec, cached_model
 
@@ -131,8 +132,10 @@ def _loaded(model_dir: str):
 
 def reference_tokens(model_dir: Path, prompt: list[int], max_tokens: int, *,
                      ignore_eos: bool = False, temperature: float = 0.0, seed: int | None = None,
-                     repetition_penalty: float | None = None, **sampler_args) -> list[int]:
-    """What single-process mlx-lm generates for the same prompt."""
+                     repetition_penalty: float | None = None,
+                     prefill_step_size: int = PREFILL_CHUNK, **sampler_args) -> list[int]:
+    """What single-process mlx-lm generates for the same prompt, prefilling in chunks of
+    `prefill_step_size` (the ring's `--prefill-chunk`, whose default is the default here)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step, stream_generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -143,6 +146,7 @@ def reference_tokens(model_dir: Path, prompt: list[int], max_tokens: int, *,
     kwargs = {
         "sampler": make_sampler(temp=temperature, **sampler_args),
         "logits_processors": make_logits_processors(repetition_penalty=repetition_penalty),
+        "prefill_step_size": prefill_step_size,
     }
     if ignore_eos:
         steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs)
