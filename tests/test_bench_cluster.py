@@ -386,7 +386,7 @@ def wait_for_progress(tool: subprocess.Popen, log: Path, text: str, timeout_s: f
 @needs_root
 @pytest.mark.parametrize(("signum", "when", "code"), [
     (signal.SIGINT, "warm-up done", 130),  # measuring: every ring up and busy
-    (signal.SIGTERM, "waiting for them", 143),  # start-up: processes still loading
+    (signal.SIGTERM, "one after another", 143),  # start-up: processes still loading
 ], ids=["SIGINT-while-measuring", "SIGTERM-while-starting"])
 def test_an_interrupted_run_leaves_nothing(tmp_path: Path, signum: int, when: str,
                                            code: int) -> None:

@@ -49,16 +49,18 @@ class Measurer:
     # ----- start-up ---------------------------------------------------------------------
 
     def start(self) -> None:
+        """The baseline, then each ring once the one before is ready: a mesh measures its
+        devices as it forms, and rings starting together on the same cores would skew each
+        other's measurements (and so the planner's choices)."""
         head_cpus = self.clusters[0].slots[0].cpus
         process = self.lan.spawn_piped("mlx-lm", Baseline.command(), head_cpus)
         self.cpus["mlx-lm"] = head_cpus
-        for cluster in self.clusters:
+        self.baseline = Baseline(process, self.model, self.prefill_chunk)
+        self.say(f"mlx-lm ready; starting {len(self.clusters)} ring(s) one after another")
+        for cluster, result in zip(self.clusters, self.ring_results, strict=True):
             cluster.start(self.lan, self.lan.log_dir / "state")
             for slot in cluster.slots:
                 self.cpus[f"{cluster.label}: {slot.name}"] = slot.cpus
-        self.say(f"started mlx-lm and {len(self.clusters)} ring(s); waiting for them")
-        self.baseline = Baseline(process, self.model, self.prefill_chunk)
-        for cluster, result in zip(self.clusters, self.ring_results, strict=True):
             cluster.wait_ready(self.lan, self.args.start_timeout)
             result.placement = cluster.placement
             assert cluster.placement is not None

@@ -15,6 +15,7 @@ test can build a Membership and feed it adverts and health replies by hand.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -33,16 +34,19 @@ from discovery.mdns import Advertiser, Browser, open_zeroconf
 from discovery.peers import PeerInfo, PeerState
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.ring import auth
+from dnet.ring import auth, tcp
 
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
 # The planner's hop latency to a peer: half the least round trip of the last LATENCY_SAMPLES
-# health checks (one a second). A minimum, not an average: a busy moment (start-up, loading a
-# model) only ever adds to a round trip, and it must not price the network (29.9 ms "hops" were
-# measured on a busy machine whose quiet round trip was 0.4 ms). A peer seen for the first
-# time is pinged FIRST_CONTACT_PINGS times at once, so a plan made seconds later has samples.
+# (one a second, with the health check). A minimum, not an average: a busy moment (start-up,
+# loading a model) only ever adds to a round trip, and it must not price the network (29.9 ms
+# "hops" were measured on a busy machine whose quiet round trip was 0.4 ms). Round trips are
+# timed on the data plane's TCP port (a connection's handshake), where frames travel, and on
+# the health check itself (gRPC, whose Python round trip costs about 1 ms more than a hop
+# does, so it counts only until the data port answers). A peer seen for the first time is
+# pinged FIRST_CONTACT_PINGS times at once, so a plan made seconds later has samples.
 LATENCY_SAMPLES = 30
 FIRST_CONTACT_PINGS = 5
 
@@ -76,6 +80,7 @@ class Membership:
         self._lock = threading.Lock()
         self._table: dict[str, PeerState] = {}
         self._round_trips_ms: dict[str, deque[float]] = {}
+        self._data_ports = tcp.DataPorts()
         self._replies: dict[str, pb.HealthReply] = {}
         self._other_clusters: dict[str, str] = {}  # cluster id -> first node seen there
         self._channels: dict[str, grpc.Channel] = {}
@@ -306,7 +311,22 @@ class Membership:
             if reply.node_id != info.node_id:
                 return None  # someone else answers at that address now
             self.record_round_trip(info.node_id, (time.perf_counter() - started) * 1000)
+            data_round_trip = self._data_round_trip_ms(info.grpc_address)
+            if data_round_trip is not None:
+                self.record_round_trip(info.node_id, data_round_trip)
         return reply
+
+    def _data_round_trip_ms(self, grpc_address: str) -> float | None:
+        """A TCP handshake with the peer's data plane, in ms; None when it does not answer."""
+        host = grpc_address.rsplit(":", 1)[0]
+        try:
+            port = self._data_ports.port(grpc_address)
+            started = time.perf_counter()
+            with socket.create_connection((host, port), timeout=HEALTH_TIMEOUT_S):
+                return (time.perf_counter() - started) * 1000
+        except OSError:  # ConnectionError too: no data plane there (yet), or another port now
+            self._data_ports.forget(grpc_address)
+            return None
 
     def record_round_trip(self, node_id: str, round_trip_ms: float) -> None:
         """One measured round trip to a peer (ms)."""
