@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import http.client
 import json
 import os
 import platform
@@ -44,7 +45,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
 from bench import machine_info, model_info  # noqa: E402
 from cluster_baseline import BaselineDied  # noqa: E402
 from cluster_lan import ClusterLan, LanError, remove_stale, run_tag, run_thread_in  # noqa: E402
@@ -289,7 +289,8 @@ def measure_and_clean_up(args: argparse.Namespace, lan: ClusterLan,
     except Terminated as exc:
         log(started, f"{exc}: stopping every process, removing the namespaces")
         code = 143
-    except (ClusterStartError, LanError, BaselineDied, httpx.HTTPError) as exc:
+    except (ClusterStartError, LanError, BaselineDied, OSError, http.client.HTTPException,
+            RuntimeError) as exc:
         log(started, f"error: {exc}")
     except Exception:  # anything else: the traceback, then the same cleanup
         traceback.print_exc()

@@ -9,13 +9,13 @@ inside the client namespace (HTTP to the nodes crosses the bridge like a remote 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 from bench import random_prompt
 from benchlib import concurrent_traces, steady_decode_tok_s, stream_trace
 from cluster_baseline import Baseline
@@ -83,7 +83,7 @@ class Measurer:
                 try:
                     stream_trace(cluster.entry_url, prompt, WARMUP_TOKENS)
                     break
-                except (httpx.HTTPError, RuntimeError) as exc:
+                except (OSError, http.client.HTTPException, RuntimeError) as exc:
                     if attempt + 1 == WARMUP_ATTEMPTS:
                         raise ClusterStartError(f"{cluster.label} does not answer: {exc}") \
                             from exc
