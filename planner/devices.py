@@ -22,6 +22,10 @@ DEFAULT_CONTEXT_TOKENS = 4096
 # Orders are enumerated exactly when per-peer latencies are given; beyond this many devices the
 # planner falls back to each device's mean latency (see README, "What optimal covers").
 DEFAULT_MAX_EXACT_ORDER_DEVICES = 6
+# How much slower one stream's decode may be than in the fastest plan, as a fraction, for a plan
+# whose busiest device does less per token (a shorter pipeline period: faster prefill and
+# concurrent decode). See README, "Objective".
+DEFAULT_LATENCY_TOLERANCE = 0.10
 
 
 @dataclass(frozen=True)
@@ -88,18 +92,25 @@ class PlanOptions:
     `window_covers_run`: require each device's window to hold a whole per-round run (n_i <= w_i),
     as an engine that loads a run as one unit needs (the seed's `--prefetch-window`). Without it,
     windows and runs are independent and one round is always optimal (README, "Rounds").
+
+    `latency_tolerance`: the plan may decode one stream up to this fraction slower than the
+    fastest plan if that shortens the pipeline period (README, "Objective"); 0 minimises one
+    stream's time alone.
     """
 
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     reserve_bytes: int = DEFAULT_RESERVE_BYTES
     window_covers_run: bool = False
     max_exact_order_devices: int = DEFAULT_MAX_EXACT_ORDER_DEVICES
+    latency_tolerance: float = DEFAULT_LATENCY_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.context_tokens < 0 or self.reserve_bytes < 0:
             raise ValueError("context_tokens and reserve_bytes must be >= 0")
         if self.max_exact_order_devices < 1:
             raise ValueError("max_exact_order_devices must be >= 1")
+        if not 0 <= self.latency_tolerance < 10:
+            raise ValueError("latency_tolerance must be in [0, 10)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +118,7 @@ class PlanOptions:
             "reserve_bytes": self.reserve_bytes,
             "window_covers_run": self.window_covers_run,
             "max_exact_order_devices": self.max_exact_order_devices,
+            "latency_tolerance": self.latency_tolerance,
         }
 
     @classmethod
@@ -119,6 +131,7 @@ class PlanOptions:
             max_exact_order_devices=int(
                 data.get("max_exact_order_devices", defaults.max_exact_order_devices)
             ),
+            latency_tolerance=float(data.get("latency_tolerance", defaults.latency_tolerance)),
         )
 
 

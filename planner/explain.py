@@ -77,9 +77,10 @@ def _left_out_sentence(
     layer_ms = cost.layer_time_s(model, device) * cost.MS_PER_S
     best_ms = min(cost.layer_time_s(model, d) for d in ring_devices) * cost.MS_PER_S
     return (
-        f"{device.id} is left out: no plan using it is faster (a layer takes it {layer_ms:.3f} ms "
-        f"vs {best_ms:.3f} ms at best in the ring, and each hop it sends costs "
-        f"{device.latency_ms:.2f} ms)."
+        f"{device.id} is left out: no plan using it has a shorter period within "
+        f"{options.latency_tolerance:.0%} of the fastest plan's time per token (a layer takes "
+        f"it {layer_ms:.3f} ms vs {best_ms:.3f} ms at best in the ring, and each hop it sends "
+        f"costs {device.latency_ms:.2f} ms)."
     )
 
 
@@ -106,6 +107,13 @@ def explain(
         f"{plan.predicted_ms_per_token:.2f} ms per token = {plan.compute_ms:.2f} compute + "
         f"{plan.disk_ms:.2f} disk + {plan.network_ms:.2f} network."
     ]
+    if len(plan.ring) > 1:
+        lines.append(
+            f"Pipeline period {plan.period_ms:.2f} ms (the busiest device's compute + disk per "
+            "token): prompt chunks and concurrent requests overlap across the devices, one "
+            f"leaving every period; one stream may be up to {options.latency_tolerance:.0%} "
+            "slower than in the fastest plan for a shorter period."
+        )
     lines += [_member_sentence(member, model, options) for member in plan.devices]
     if plan.rounds > 1 and len(plan.ring) > 1:
         lines.append(f"{plan.rounds} rounds because {_rounds_reason(plan, options)}.")
@@ -116,7 +124,8 @@ def explain(
         for device_id in plan.left_out
     ]
     if len(plan.ring) == 1 and plan.left_out:
-        lines.append("One device holds the whole model: every extra device would only add hops.")
+        lines.append("One device holds the whole model: the hops another device would add cost "
+                     "one stream more than the tolerance.")
     if not plan.exact:
         lines.append(
             f"Per-peer latencies with more than {options.max_exact_order_devices} devices: ring "

@@ -84,6 +84,12 @@ class Plan:
                 return member
         raise KeyError(device_id)
 
+    @property
+    def period_ms(self) -> float:
+        """The pipeline's period: the busiest device's compute + disk per token. Chunks of a
+        long prompt, and trains of concurrent requests, leave the ring one per period."""
+        return max(member.compute_ms + member.disk_ms for member in self.devices)
+
     def layer_owner(self) -> list[str]:
         owner = [""] * self.num_layers
         for member in self.devices:
@@ -117,6 +123,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "rounds": plan.rounds,
         "hops_per_token": plan.hops_per_token,
         "predicted_ms_per_token": plan.predicted_ms_per_token,
+        "period_ms": plan.period_ms,
         "breakdown_ms": {
             "compute": plan.compute_ms,
             "disk": plan.disk_ms,

@@ -88,6 +88,7 @@ class Assignment:
     windows: tuple[int, ...]
     objective_s: float
     balance: float
+    stage_s: float  # the busiest device's compute + disk per token: the pipeline's period
 
     def layer_owner(self, devices: Sequence[DeviceProfile]) -> list[str]:
         owner: list[str] = []
@@ -114,15 +115,56 @@ def better(candidate: Assignment | None, incumbent: Assignment | None) -> bool:
 
 
 class Searcher:
-    """Holds the inputs and caches per-device tables, which do not depend on ring order."""
+    """Holds the inputs and caches per-device tables, which do not depend on ring order.
+
+    With `stage_cap_s`, a device may take only what costs it at most that much compute + disk
+    per token: the plans it finds are those whose pipeline period is within the cap.
+    """
 
     def __init__(
-        self, model: ModelProfile, devices: Sequence[DeviceProfile], options: PlanOptions
+        self,
+        model: ModelProfile,
+        devices: Sequence[DeviceProfile],
+        options: PlanOptions,
+        stage_cap_s: float = float("inf"),
     ) -> None:
         self.model = model
         self.devices = list(devices)
         self.options = options
+        self.stage_cap_s = stage_cap_s
         self._tables: dict[tuple[int, Role], OptionTable] = {}
+
+    def capped(self, stage_cap_s: float) -> Searcher:
+        """The same search with every device's compute + disk per token at most the cap
+        (sharing this searcher's tables)."""
+        searcher = Searcher(self.model, self.devices, self.options, stage_cap_s)
+        searcher._tables = self._tables
+        return searcher
+
+    def most_layers(self) -> list[int]:
+        """Per device, the most layers it can hold in any role and round count under the cap:
+        a ring whose devices cannot hold the model between them cannot be a plan."""
+        most = []
+        for index in range(len(self.devices)):
+            fits = np.zeros(self.model.num_layers + 1, dtype=bool)
+            for role in ORDER_FREE_MOVES:
+                self.table(index, 1, role)  # builds the tables of every k at once
+                fits |= (self._tables[(index, role)].time_s <= self.stage_cap_s).any(axis=0)
+            held = np.flatnonzero(fits)
+            most.append(int(held[-1]) if len(held) else 0)
+        return most
+
+    def stage_times(self) -> np.ndarray:
+        """Every compute + disk per token a device can have in some plan, ascending: the
+        candidates for a plan's period."""
+        for index in range(len(self.devices)):
+            for role in ORDER_FREE_MOVES:
+                self.table(index, 1, role)  # builds the tables of every k at once
+        lone = [a.stage_s for index in range(len(self.devices))
+                if (a := self.single_device(index)) is not None]
+        values = np.concatenate([tables.time_s.ravel() for tables in self._tables.values()]
+                                + [np.asarray(lone, dtype=np.float64)])
+        return np.unique(values[np.isfinite(values)])
 
     def table(self, device_index: int, rounds: int, role: Role) -> OptionTable:
         key = (device_index, role)
@@ -139,10 +181,13 @@ class Searcher:
             )
         tables = self._tables[key]
         row = rounds - 1
+        time_s = tables.time_s[row]
+        if self.stage_cap_s < float("inf"):
+            time_s = np.where(time_s <= self.stage_cap_s, time_s, np.inf)
         return OptionTable(
             run_length=tables.run_length[row],
             window=tables.window[row],
-            time_s=tables.time_s[row],
+            time_s=time_s,
             excess_bytes=tables.excess_bytes[row],
         )
 
@@ -169,8 +214,10 @@ class Searcher:
         runs: list[int] = []
         lasts: list[int] = []
         windows: list[int] = []
+        stage_s = 0.0
         for device_index, role, layers in zip(order, roles, held, strict=True):
             table = self.table(device_index, rounds, role)
+            stage_s = max(stage_s, float(table.time_s[layers]))
             run = int(table.run_length[layers])
             runs.append(run)
             lasts.append(
@@ -187,6 +234,7 @@ class Searcher:
             windows=tuple(windows),
             objective_s=result.cost,
             balance=result.balance,
+            stage_s=stage_s,
         )
 
     def order_free_stages(
@@ -308,6 +356,8 @@ class Searcher:
             + cost.head_time_s(model, device)
             + cost.disk_time_s(model, device, layers, window)
         )
+        if objective > self.stage_cap_s:
+            return None
         return Assignment(
             order=(device_index,),
             rounds=rounds,
@@ -316,4 +366,5 @@ class Searcher:
             windows=(window,),
             objective_s=objective,
             balance=float(layers**2),
+            stage_s=objective,
         )

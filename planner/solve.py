@@ -1,5 +1,11 @@
 """`plan_layers`: the optimal plan under the cost model in `cost`, or InfeasiblePlanError.
 
+The objective (README, "Objective"): the shortest pipeline period (the busiest device's
+compute + disk per token) among the plans whose time per token for one stream is within
+`latency_tolerance` of the fastest plan's; among those, the fastest. The period search
+(`_shortest_period`) caps every device's compute + disk per token (`Searcher.capped`) and
+bisects over the caps: the least time per token under a cap only falls as the cap rises.
+
 Which numbers of rounds k are searched:
 - default latencies and windows independent of runs: k = 1 and k = 2 only. Take any plan with
   k >= 3 and keep its layer counts, windows and roles. If the first device is not also the tail,
@@ -91,7 +97,11 @@ def max_multi_device_rounds(num_layers: int, every_round_count: bool) -> int:
     return limit if every_round_count else min(2, limit)
 
 
-def _search(searcher: Searcher, exact_orders: bool, every_round_count: bool) -> Assignment | None:
+def _search(searcher: Searcher, exact_orders: bool, every_round_count: bool,
+            ceiling_s: float = math.inf, work_floor_s: float | None = None) -> Assignment | None:
+    """The plan with the least time per token; with `ceiling_s`, candidates whose lower bound
+    passes the ceiling are not searched (a result above it means none is below).
+    `work_floor_s`: a lower bound on any plan's compute + disk, if known (else computed)."""
     best: Assignment | None = None
     for index in range(len(searcher.devices)):
         candidate = searcher.single_device(index)
@@ -101,17 +111,22 @@ def _search(searcher: Searcher, exact_orders: bool, every_round_count: bool) -> 
         return best
     model, devices = searcher.model, searcher.devices
     # Only a long search over k repays the two extra DPs this bound costs.
-    work_floor = _work_floor_s(model, devices, searcher.options) if every_round_count else 0.0
+    work_floor = 0.0
+    if every_round_count:
+        work_floor = (work_floor_s if work_floor_s is not None
+                      else _work_floor_s(model, devices, searcher.options))
 
     def beaten(bound_s: float) -> bool:
         # Pruning by a lower bound is exact: nothing at or above it can improve on `best`.
-        return best is not None and bool(
-            bound_s > best.objective_s + dp.tie_tolerance(best.objective_s))
+        limit = min(ceiling_s, best.objective_s if best is not None else math.inf)
+        return bool(bound_s > limit + dp.tie_tolerance(limit))
 
     orders: list[tuple[int, ...]] = []
     if exact_orders:
+        most = searcher.most_layers()
         for size in range(2, len(devices) + 1):
-            orders.extend(itertools.permutations(range(len(devices)), size))
+            orders.extend(order for order in itertools.permutations(range(len(devices)), size)
+                          if sum(most[i] for i in order) >= model.num_layers)
     cycles = {order: _cycle_s(devices, order) for order in orders}
     for rounds in range(1, max_multi_device_rounds(model.num_layers, every_round_count) + 1):
         if beaten(work_floor + (rounds - 1) * _cheapest_sends_s(devices)):
@@ -132,6 +147,63 @@ def _search(searcher: Searcher, exact_orders: bool, every_round_count: bool) -> 
             if better(candidate, best):
                 best = candidate
     return best
+
+
+def _with_cheapest_latencies(devices: Sequence[DeviceProfile]) -> list[DeviceProfile]:
+    """Each device's hops at its cheapest latency to any other: no ring costs less."""
+    return [replace(device, peer_latency_ms={}, latency_ms=min(
+        device.latency_to_ms(other.id) for other in devices if other is not device))
+        for device in devices]
+
+
+def _shortest_period(
+    searcher: Searcher, fastest: Assignment, exact_orders: bool, every_round_count: bool
+) -> Assignment:
+    """The plan with the shortest period whose time per token is within the tolerance of
+    `fastest`'s (the fastest plan), and the fastest of those.
+
+    Bisects over the candidate periods (every compute + disk per token a device can have):
+    under a cap, the least time per token falls as the cap rises. With per-peer latencies
+    each capped search enumerates ring orders, so the bisection runs on a relaxation first
+    (every hop at its sender's cheapest latency, order-free, never dearer than a real ring),
+    which finds the shortest period that can possibly fit; exact searches go up from there.
+    """
+    ceiling = fastest.objective_s * (1 + searcher.options.latency_tolerance)
+    ceiling += float(dp.tie_tolerance(ceiling))
+    caps = [float(cap) for cap in searcher.stage_times() if cap <= fastest.stage_s]
+    relaxed = (Searcher(searcher.model, _with_cheapest_latencies(searcher.devices),
+                        searcher.options) if exact_orders else searcher)
+    # A cap only makes plans dearer: the uncapped floor bounds every capped search too.
+    floor = (_work_floor_s(searcher.model, searcher.devices, searcher.options)
+             if every_round_count else None)
+
+    def covers(cap: float) -> bool:
+        """Whether the devices can hold the model between them under `cap` (no DP needed)."""
+        return sum(searcher.capped(cap).most_layers()) >= searcher.model.num_layers
+
+    def within(base: Searcher, cap: float, orders: bool) -> Assignment | None:
+        found = _search(base.capped(cap), orders, every_round_count, ceiling, floor)
+        return found if found is not None and found.objective_s <= ceiling else None
+
+    low, high = 0, len(caps)
+    while low < high:  # the first cap under which the devices can hold the model at all
+        middle = (low + high) // 2
+        low, high = (low, middle) if covers(caps[middle]) else (middle + 1, high)
+    high, found = len(caps), None
+    while low < high:  # the first cap the relaxation can meet
+        middle = (low + high) // 2
+        candidate = within(relaxed, caps[middle], False)
+        if candidate is None:
+            low = middle + 1
+        else:
+            high, found = middle, candidate
+    if not exact_orders:
+        return found or fastest
+    for cap in caps[low:]:
+        exact = within(searcher, cap, True)
+        if exact is not None:
+            return exact
+    return fastest
 
 
 def _shortfall(
@@ -243,7 +315,8 @@ def plan_layers(
     devices: Sequence[DeviceProfile],
     options: PlanOptions | None = None,
 ) -> Plan:
-    """The plan with the least predicted decode time per token (see README for the model).
+    """The plan with the shortest pipeline period among those within `latency_tolerance` of
+    the least predicted decode time per token, and the fastest of those (README, "Objective").
 
     Raises InfeasiblePlanError, naming the shortfall in bytes, when nothing fits.
     """
@@ -256,11 +329,11 @@ def plan_layers(
     exact = not per_peer or len(devices) <= options.max_exact_order_devices
     search_devices = list(devices) if exact else _with_mean_latencies(devices)
     searcher = Searcher(model, search_devices, options)
-    chosen = _search(
-        searcher,
-        exact_orders=per_peer and exact,
-        every_round_count=options.window_covers_run or (per_peer and exact),
-    )
+    exact_orders = per_peer and exact
+    every_round_count = options.window_covers_run or exact_orders
+    chosen = _search(searcher, exact_orders, every_round_count)
     if chosen is None:
         raise _infeasible_error(model, devices, options)
+    if options.latency_tolerance > 0 and len(devices) > 1:
+        chosen = _shortest_period(searcher, chosen, exact_orders, every_round_count)
     return _build_plan(model, devices, options, chosen, exact)

@@ -10,10 +10,11 @@ every frame still goes through the same services, parsing and serialization as o
         tokens = ring.complete([1, 2, 3], max_tokens=8)       # token ids, as mlx-lm gives
         ring.kill(1); ring.replan()                            # shard 1 dies; a new ring
 
-With `grpc=True` the members listen on loopback ports and talk gRPC instead, so tests that
-address them by host:port (health checks, raw frames) work unchanged; `serve_http()` adds
-the HTTP API in a thread. Routing is the mesh's: every member knows which address holds
-which layer, and each `replan` is a new plan epoch.
+With `grpc=True` the members listen on loopback ports instead (gRPC for control, the TCP
+data plane for frames and tokens, as real nodes), so tests that address them by host:port
+(health checks, raw frames) work unchanged; `serve_http()` adds the HTTP API in a thread.
+Routing is the mesh's: every member knows which address holds which layer, and each `replan`
+is a new plan epoch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import grpc
 from dnet.entry import EntryService, Inflight, RingEntry, RingError, Timeouts
 from dnet.local_ring import free_port
 from dnet.proto import dnet_ring_pb2 as pb
-from dnet.ring.links import GRPC, Transport, start_server
+from dnet.ring.links import TCP, Transport, start_server
 from dnet.ring.memory import MemoryNetwork
 from dnet.shard.router import MeshRouter
 from dnet.shard.runtime import ShardRuntime
@@ -118,7 +119,7 @@ class InProcessRing:
 
     @property
     def transport(self) -> Transport:
-        return GRPC if self.grpc else self.network
+        return TCP if self.grpc else self.network
 
     @property
     def entry(self) -> RingEntry:

@@ -19,18 +19,88 @@ from tests.conftest import FLOAT_SPECS, QUANT_SPECS, QWEN3_BF16, QWEN3_Q4, refer
 # ----- the scheduler: pure decisions ------------------------------------------------------
 
 
-def test_requests_start_trains_up_to_the_number_of_stages_then_board() -> None:
+def test_requests_start_trains_up_to_the_number_of_stages_then_board_evenly() -> None:
     trains = TrainScheduler(max_trains=2)
     assert [d.members for d in trains.ready("a")] == [("a",)]
     assert [d.members for d in trains.ready("b")] == [("b",)]
     assert trains.ready("c") == [] and trains.ready("d") == []  # they wait at the tail
+    # Four requests on two stages: a train takes waiting ones up to half of them, not all.
     first = trains.passed("a", ["a"])
-    assert len(first) == 1 and first[0].batched and first[0].members == ("a", "c", "d")
+    assert len(first) == 1 and first[0].batched and first[0].members == ("a", "c")
+    second = trains.passed("b", ["b"])
+    assert second[0].batched and second[0].members == ("b", "d")
     # The batch keeps its id while its members change; finished ones leave.
-    again = trains.passed(first[0].train_id, ["a", "d"])
-    assert again[0].train_id == first[0].train_id and again[0].members == ("a", "d")
+    again = trains.passed(first[0].train_id, ["a"])
+    assert again[0].train_id == first[0].train_id and again[0].members == ("a",)
     assert trains.passed(first[0].train_id, []) == []
-    assert set(trains.trains) == {"b"}
+    assert set(trains.trains) == {second[0].train_id}
+
+
+def test_a_train_that_ends_makes_room_for_waiting_requests() -> None:
+    trains = TrainScheduler(max_trains=2)
+    trains.ready("a")
+    trains.ready("b")
+    for waiting in "cdef":
+        trains.ready(waiting)
+    # a finishes while four wait: a new train leaves with its fair share of the five.
+    [started] = trains.passed("a", [])
+    assert started.members == ("c", "d", "e") and started.batched
+    [b] = trains.passed("b", ["b"])
+    assert b.members == ("b", "f")
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("requests", [1, 2, 3, 5, 8, 16, 33])
+def test_trains_even_out_within_one_round(stages: int, requests: int) -> None:
+    trains = TrainScheduler(max_trains=stages, max_batch=8)
+    ids = [f"r{i}" for i in range(requests)]
+    for request in ids:
+        trains.ready(request)
+    for _ in range(stages + 1):  # every train passes the tail, in ring order
+        for train_id, members in list(trains.trains.items()):
+            trains.passed(train_id, list(members))
+    sizes = sorted(len(m) for m in trains.trains.values())
+    carried = min(requests, stages * 8)
+    assert sum(sizes) == carried and len(trains.waiting) == requests - carried
+    assert len(sizes) <= stages and sizes[-1] - sizes[0] <= 1 and sizes[-1] <= 8
+
+
+def test_every_request_is_in_one_train_or_waiting_whatever_happens() -> None:
+    # Random arrivals, steps and departures against the invariants.
+    import random
+
+    for seed in range(200):
+        rng = random.Random(seed)
+        trains = TrainScheduler(max_trains=rng.randint(1, 4), max_batch=rng.randint(1, 5))
+        live: set[str] = set()
+        for step in range(60):
+            event = rng.random()
+            if event < 0.3:
+                request = f"r{seed}-{step}"
+                live.add(request)
+                trains.ready(request)
+            elif event < 0.85 and trains.trains:
+                train_id = rng.choice(sorted(trains.trains))
+                members = list(trains.trains[train_id])
+                finished = {m for m in members if rng.random() < 0.2}
+                live -= finished
+                decoding = len(trains.waiting) + sum(len(m) for m in trains.trains.values())
+                fair = -(-decoding // trains.max_trains)
+                for dispatch in trains.passed(train_id,
+                                              [m for m in members if m not in finished]):
+                    assert len(dispatch.members) <= max(fair, len(members))
+            elif live:
+                request = rng.choice(sorted(live))
+                live.discard(request)
+                trains.forget(request)
+                trains.drain_waiting()
+            placed = [m for members in trains.trains.values() for m in members]
+            assert sorted(placed + trains.waiting) == sorted(live)
+            assert len(placed) == len(set(placed))
+            assert len(trains.trains) <= trains.max_trains
+            assert all(len(m) <= trains.max_batch for m in trains.trains.values())
+            # Nobody waits while a train is missing.
+            assert not trains.waiting or len(trains.trains) == trains.max_trains
 
 
 def test_a_lone_request_keeps_running_alone() -> None:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import bench_cluster  # noqa: E402
 import cluster_report as cr  # noqa: E402
+from benchlib import StreamTrace, aggregate_decode_tok_s, steady_decode_tok_s  # noqa: E402
 from cluster_lan import RUN_ENV, stale_tags  # noqa: E402
 from cluster_links import (  # noqa: E402
     PRESET_DELAYS,
@@ -33,7 +34,12 @@ from cluster_links import (  # noqa: E402
     rate_bits_per_s,
     tbf_burst_bytes,
 )
-from cluster_nodes import cpu_set, node_cpu_sets, placement_from_topology  # noqa: E402
+from cluster_nodes import (  # noqa: E402
+    cpu_set,
+    entry_index,
+    node_cpu_sets,
+    placement_from_topology,
+)
 
 # ----- hops, placement, per-hop overhead ------------------------------------------------------
 
@@ -89,6 +95,33 @@ def test_per_hop_overhead_needs_hops_and_a_one_node_ring() -> None:
                                decode_tok_s=[90.0])
     assert cr.per_hop_overhead(left_out, one, 0.0) is None
     assert cr.per_hop_overhead(ring("2", 2, TWO, [90.0]), None, 0.0) is None
+
+
+def test_steady_decode_counts_only_the_window_where_every_stream_decodes() -> None:
+    # Together (mlx-lm's BatchGenerator): the whole decode, as the plain aggregate.
+    together = [StreamTrace(0.0, [1.0 + 0.1 * i for i in range(11)]) for _ in range(4)]
+    assert steady_decode_tok_s(together) == pytest.approx(40 / 1.0)
+    assert steady_decode_tok_s(together) == pytest.approx(aggregate_decode_tok_s(together))
+    # Staggered starts (a ring prefills one prompt after another): the second stream's
+    # first token comes at 2.0, the first stream's last at 3.0; 10 tokens each per second.
+    first = StreamTrace(0.0, [1.0 + 0.1 * i for i in range(21)])
+    second = StreamTrace(0.0, [2.0 + 0.1 * i for i in range(21)])
+    assert steady_decode_tok_s([first, second]) == pytest.approx(20.0)
+    assert aggregate_decode_tok_s([first, second]) == pytest.approx(40 / 3.0)  # prefill counted
+    # One stream: its decode rate.
+    assert steady_decode_tok_s([first]) == pytest.approx(10.0)
+    # Streams that never all decode at once: no figure.
+    late = StreamTrace(0.0, [4.0 + 0.1 * i for i in range(5)])
+    assert steady_decode_tok_s([first, late]) is None
+
+
+def test_requests_enter_at_the_tail_or_the_head() -> None:
+    two = cr.Placement(("node1", "node2"), ((0, 1, 2), (3, 4, 5)))
+    assert entry_index(two, 6, cr.Entry.TAIL) == 1 and entry_index(two, 6, cr.Entry.HEAD) == 0
+    rounds = cr.Placement(("node1", "node2"), ((0, 1, 4, 5), (2, 3)))
+    assert entry_index(rounds, 6, cr.Entry.TAIL) == 0
+    left_out = cr.Placement(("node1", "node2"), ((), (0, 1, 2, 3, 4, 5)))
+    assert entry_index(left_out, 6, cr.Entry.TAIL) == entry_index(left_out, 6, cr.Entry.HEAD) == 1
 
 
 def test_floor_is_half_the_median_round_trip_above_the_delay() -> None:
@@ -320,7 +353,7 @@ def test_a_tiny_manual_run_prints_the_table_and_leaves_nothing(tmp_path: Path) -
     assert two[1] == "2", rows[3]  # an even split: two stages
     assert re.fullmatch(r"-?\d+\.\d\d \(-?\d+\.\d\d to -?\d+\.\d\d\) \|", two[-1]), rows[3]
     assert "node1: 0, node2: 1; 2 stage(s), 2 hop(s) per token" in out
-    assert "raw gRPC message of 256 bytes" in out
+    assert "raw TCP message of 256 bytes" in out
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["mode"] == "manual" and len(saved["rings"]) == 2
     assert leftovers(f"dnbc{tool.pid}") == []
@@ -353,7 +386,7 @@ def wait_for_progress(tool: subprocess.Popen, log: Path, text: str, timeout_s: f
 @needs_root
 @pytest.mark.parametrize(("signum", "when", "code"), [
     (signal.SIGINT, "warm-up done", 130),  # measuring: every ring up and busy
-    (signal.SIGTERM, "waiting for them", 143),  # start-up: processes still loading
+    (signal.SIGTERM, "one after another", 143),  # start-up: processes still loading
 ], ids=["SIGINT-while-measuring", "SIGTERM-while-starting"])
 def test_an_interrupted_run_leaves_nothing(tmp_path: Path, signum: int, when: str,
                                            code: int) -> None:

@@ -21,6 +21,7 @@ import pytest
 from dnet.local_ring import shard_health
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring.links import start_server
 from tests.conftest import wait_until
 from tests.inprocess import InProcessRing
 
@@ -279,15 +280,10 @@ class TokenSink(pb_grpc.RingServicer):
 
 
 def test_caches_are_freed_when_the_entry_dies_mid_generation(ring: InProcessRing) -> None:
-    from concurrent import futures
-
     wait_no_caches(ring)  # nothing else runs on the ring
     head = ring.shard_addresses[0]
     sink = TokenSink()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_RingServicer_to_server(sink, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = start_server(sink, "127.0.0.1", 0)  # an entry's token sink, as dnet api's
     try:
         frame = pb.Frame(request_id=new_id(), next_layer=0, position=0, tokens=[1, 2, 3],
                          sample=True, entry=f"127.0.0.1:{port}", head=head,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import http.client
 import json
 import os
 import platform
@@ -44,15 +45,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
 from bench import machine_info, model_info  # noqa: E402
 from cluster_baseline import BaselineDied  # noqa: E402
 from cluster_lan import ClusterLan, LanError, remove_stale, run_tag, run_thread_in  # noqa: E402
 from cluster_links import PRESET_DELAYS, LinkPreset, LinkShape, rate_bits_per_s  # noqa: E402
 from cluster_measure import Measurer  # noqa: E402
 from cluster_nodes import ClusterStartError, NodeSlot, RingCluster, node_cpu_sets  # noqa: E402
-from cluster_report import Link, Mode, Report, render  # noqa: E402
+from cluster_report import Entry, Link, Mode, Report, render  # noqa: E402
 
+from dnet.entry import PREFILL_CHUNK  # noqa: E402
 from dnet.modelgen import ModelSpec, cached_model  # noqa: E402
 
 DEFAULT_CONTEXT = 4096
@@ -90,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tokens the client reads in one burst share a timestamp)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions of the decode figures")
     p.add_argument("--ttft-repeats", type=int, default=1)
+    p.add_argument("--entry", choices=[e.value for e in Entry], default=Entry.TAIL.value,
+                   help="where requests enter: the node holding the last layer (default; it "
+                        "streams to the client while the head computes) or layer 0")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill chunk, passed to dnet as --prefill-chunk and to "
+                        f"mlx-lm as prefill_step_size (default: dnet's, {PREFILL_CHUNK})")
     p.add_argument("--link", choices=[p.value for p in LinkPreset], default="10gbe",
                    help="one-way delay preset for every link (needs netem; default 10gbe)")
     p.add_argument("--rate", default="10gbit", help="rate limit of every link (tc tbf)")
@@ -97,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mesh mode: every node's --memory-budget (e.g. 30MB), to make the "
                         "planner split a model that one node could hold (every "
                         "configuration gets it: a 1-node mesh must then still fit)")
-    p.add_argument("--floor-count", type=int, default=500, help="raw gRPC round trips")
+    p.add_argument("--floor-count", type=int, default=500, help="raw TCP round trips (the floor)")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "dnet-bench-models"))
@@ -133,6 +140,8 @@ def validate(args: argparse.Namespace) -> list[str]:
     if not args.streams or min(args.streams) < 1 or not args.prompt_lengths \
             or min(args.prompt_lengths) < 1 or args.short_prompt < 1:
         problems.append("stream counts and prompt lengths must be at least 1")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        problems.append("--prefill-chunk must be at least 1")
     if args.memory_budget and args.manual:
         problems.append("--memory-budget is for mesh mode (the planner); --manual splits "
                         "evenly")
@@ -152,6 +161,11 @@ def environment_problem() -> str | None:
     if missing:
         return f"missing commands: {', '.join(missing)} (iproute2, util-linux)"
     return None
+
+
+def prefill_chunk(args: argparse.Namespace) -> int:
+    """The ring's prefill chunk, which the mlx-lm baseline uses as its prefill_step_size."""
+    return int(args.prefill_chunk or PREFILL_CHUNK)
 
 
 def context_for(args: argparse.Namespace) -> int:
@@ -192,7 +206,8 @@ def make_clusters(args: argparse.Namespace, lan: ClusterLan, model: Path) -> lis
         slots = [NodeSlot(f"node{i + 1}", next(hosts), cpus[i]) for i in range(k)]
         clusters.append(RingCluster(f"dnet, {k} node{'s' if k > 1 else ''}", mode, slots,
                                     model, args.layers, context_for(args),
-                                    memory_budget=args.memory_budget))
+                                    memory_budget=args.memory_budget, entry=Entry(args.entry),
+                                    prefill_chunk=args.prefill_chunk))
     return clusters
 
 
@@ -214,7 +229,7 @@ def run(args: argparse.Namespace, lan: ClusterLan, model: Path, info: dict,
     clusters = make_clusters(args, lan, model)
     client_cpus = pin_client(args)
     measurer = Measurer(args, lan, model, info["vocab_size"], clusters,
-                        lambda message: log(started, message))
+                        lambda message: log(started, message), prefill_chunk(args))
     machine = machine_info()
     machine["kernel"] = platform.release()
     machine["loadavg_start"] = load_before  # before we generated the model or started much
@@ -226,7 +241,8 @@ def run(args: argparse.Namespace, lan: ClusterLan, model: Path, info: dict,
                 lan.netem, lan.netem_note)
     settings = {key: getattr(args, key) for key in (
         "decode_tokens", "short_prompt", "stream_tokens", "repeats", "ttft_repeats",
-        "nodes", "cpus_per_node", "prompt_lengths", "streams", "memory_budget")}
+        "nodes", "cpus_per_node", "prompt_lengths", "streams", "memory_budget", "entry")}
+    settings["prefill_chunk"] = prefill_chunk(args)
     settings["busy_load"] = BUSY_LOAD
     return Report(machine, info, settings, Mode.MANUAL if args.manual else Mode.MESH, link,
                   measurer.cpus, measurer.baseline_result, measurer.ring_results,
@@ -273,7 +289,8 @@ def measure_and_clean_up(args: argparse.Namespace, lan: ClusterLan,
     except Terminated as exc:
         log(started, f"{exc}: stopping every process, removing the namespaces")
         code = 143
-    except (ClusterStartError, LanError, BaselineDied, httpx.HTTPError) as exc:
+    except (ClusterStartError, LanError, BaselineDied, OSError, http.client.HTTPException,
+            RuntimeError) as exc:
         log(started, f"error: {exc}")
     except Exception:  # anything else: the traceback, then the same cleanup
         traceback.print_exc()

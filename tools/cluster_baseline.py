@@ -4,7 +4,8 @@ One stream runs through `mlx_lm.generate.generate_step` (what `stream_generate` 
 concurrent streams through mlx-lm's continuous batching, `mlx_lm.generate.BatchGenerator`
 (what `batch_generate` drives), all prompts inserted at once, with its default batch sizes
 and no stop tokens (every stream decodes exactly `max_tokens`, as the ring's `ignore_eos`).
-Both use mlx-lm's default `prefill_step_size` (2048), as the ring does.
+Both prefill in chunks of the ring's prefill chunk (`prefill_step_size`), so the baseline
+computes exactly what the ring computes.
 
 Run as a worker (`python tools/cluster_baseline.py`) it reads JSON jobs on stdin, one a line,
 and answers each with one JSON line of `time.perf_counter()` stamps; `Baseline` drives it.
@@ -24,21 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import StreamTrace  # noqa: E402
 
 
-def single(model, prompt: list[int], max_tokens: int) -> dict:
+def single(model, prompt: list[int], max_tokens: int, prefill_step_size: int) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
     arrivals: list[float] = []
     started = time.perf_counter()
-    for _token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+    for _token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                   prefill_step_size=prefill_step_size):
         arrivals.append(time.perf_counter())
     return {"started": started, "arrivals": arrivals}
 
 
-def batch(model, prompts: list[list[int]], max_tokens: int) -> dict:
+def batch(model, prompts: list[list[int]], max_tokens: int, prefill_step_size: int) -> dict:
     from mlx_lm.generate import BatchGenerator
 
-    generator = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=None)
+    generator = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=None,
+                               prefill_step_size=prefill_step_size)
     try:
         started = time.perf_counter()
         uids = generator.insert(prompts, [max_tokens] * len(prompts))
@@ -71,8 +74,9 @@ class BaselineDied(RuntimeError):
 class Baseline:
     """Talks to a worker process someone else started (and will stop)."""
 
-    def __init__(self, process: subprocess.Popen, model: Path) -> None:
+    def __init__(self, process: subprocess.Popen, model: Path, prefill_step_size: int) -> None:
         self.process = process
+        self.prefill_step_size = prefill_step_size
         self._answer({"model": str(model)})
 
     @staticmethod
@@ -92,11 +96,13 @@ class Baseline:
         return json.loads(line)
 
     def single(self, prompt: list[int], max_tokens: int) -> StreamTrace:
-        reply = self._answer({"kind": "single", "prompt": prompt, "max_tokens": max_tokens})
+        reply = self._answer({"kind": "single", "prompt": prompt, "max_tokens": max_tokens,
+                              "prefill_step_size": self.prefill_step_size})
         return StreamTrace(reply["started"], reply["arrivals"])
 
     def batch(self, prompts: list[list[int]], max_tokens: int) -> list[StreamTrace]:
-        reply = self._answer({"kind": "batch", "prompts": prompts, "max_tokens": max_tokens})
+        reply = self._answer({"kind": "batch", "prompts": prompts, "max_tokens": max_tokens,
+                              "prefill_step_size": self.prefill_step_size})
         return [StreamTrace(t["started"], t["arrivals"]) for t in reply["traces"]]
 
 

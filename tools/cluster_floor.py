@@ -1,9 +1,11 @@
-"""The floor under a ring hop: a raw gRPC message between two node namespaces.
+"""The floor under a ring hop: a raw TCP message between two Python processes in two node
+namespaces.
 
-An echo server on a bidirectional stream, and a client that sends one message of a decode
-hop's size, waits for its echo, and repeats; half the median round trip is the one-way cost
-of a message through gRPC, Python and the kernel with nothing else to do. The channel and
-server use the ring's own options (dnet/ring/links.py), without cluster-key signing.
+An echo server and a client that sends one message of a decode hop's size (with the data
+plane's framing: a 4-byte length, then the bytes), waits for its echo, and repeats; half the
+median round trip is the one-way cost of a message through Python and the kernel with
+nothing else to do, which no Python data plane can beat. The socket options are the data
+plane's own (dnet/ring/tcp.py), without the cluster-key hello.
 
     python tools/cluster_floor.py serve --listen HOST:PORT
     python tools/cluster_floor.py ping --target HOST:PORT --bytes N --count N
@@ -14,58 +16,44 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
+import socket
+import struct
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from concurrent import futures
 
-import grpc
+from dnet.ring.tcp import read_message, tune
 
-from dnet.ring.links import CHANNEL_OPTIONS, SERVER_OPTIONS
-
-METHOD = "/dnet.bench.Floor/Echo"
 WARMUP = 50
+_LENGTH = struct.Struct(">I")
 
 
-def serve(listen: str, stop: threading.Event | None = None) -> None:
-    def echo(requests: Iterator[bytes], _context: grpc.ServicerContext) -> Iterator[bytes]:
-        yield from requests
-
-    handler = grpc.method_handlers_generic_handler("dnet.bench.Floor", {
-        "Echo": grpc.stream_stream_rpc_method_handler(echo)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    if server.add_insecure_port(listen) == 0:
-        raise OSError(f"cannot listen on {listen}")
-    server.start()
-    print("serving", flush=True)
-    (stop or threading.Event()).wait()
+def serve(listen: str) -> None:
+    host, port = listen.rsplit(":", 1)
+    with socket.create_server((host, int(port))) as server:
+        print("serving", flush=True)
+        while True:
+            connection, _ = server.accept()
+            with connection, connection.makefile("rb") as reader:
+                tune(connection)
+                while (message := read_message(reader)) is not None:
+                    connection.sendall(_LENGTH.pack(len(message)) + message)
 
 
 def ping(target: str, size: int, count: int, timeout_s: float = 60.0) -> list[float]:
     """Round trips in ms of `count` messages of `size` bytes, after WARMUP unrecorded ones."""
-    payload = bytes(size)
-    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-
-    def requests() -> Iterator[bytes]:
-        while (message := outbox.get()) is not None:
-            yield message
-
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-        call = channel.stream_stream(METHOD)(requests(), timeout=timeout_s)
-        replies = iter(call)
-        rtts = []
+    host, port = target.rsplit(":", 1)
+    payload = _LENGTH.pack(size) + bytes(size)
+    rtts = []
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock, \
+            sock.makefile("rb") as reader:
+        tune(sock)
         for i in range(WARMUP + count):
             started = time.perf_counter()
-            outbox.put(payload)
-            next(replies)
+            sock.sendall(payload)
+            if read_message(reader) is None:
+                raise ConnectionError("the echo server closed the connection")
             if i >= WARMUP:
                 rtts.append((time.perf_counter() - started) * 1000)
-        outbox.put(None)
-        call.cancel()
     return rtts
 
 

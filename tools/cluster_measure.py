@@ -9,15 +9,15 @@ inside the client namespace (HTTP to the nodes crosses the bridge like a remote 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 from bench import random_prompt
-from benchlib import aggregate_decode_tok_s, concurrent_traces, stream_trace
+from benchlib import concurrent_traces, steady_decode_tok_s, stream_trace
 from cluster_baseline import Baseline
 from cluster_lan import ClusterLan
 from cluster_nodes import ClusterStartError, RingCluster, check_pinning, listening
@@ -31,8 +31,10 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 class Measurer:
     def __init__(self, args: argparse.Namespace, lan: ClusterLan, model: Path, vocab_size: int,
-                 clusters: list[RingCluster], say: Callable[[str], None]) -> None:
+                 clusters: list[RingCluster], say: Callable[[str], None],
+                 prefill_chunk: int) -> None:
         self.args, self.lan, self.model, self.vocab = args, lan, model, vocab_size
+        self.prefill_chunk = prefill_chunk
         self.clusters, self.say = clusters, say
         self.cpus: dict[str, str] = {}
         self.baseline: Baseline | None = None
@@ -47,16 +49,18 @@ class Measurer:
     # ----- start-up ---------------------------------------------------------------------
 
     def start(self) -> None:
+        """The baseline, then each ring once the one before is ready: a mesh measures its
+        devices as it forms, and rings starting together on the same cores would skew each
+        other's measurements (and so the planner's choices)."""
         head_cpus = self.clusters[0].slots[0].cpus
         process = self.lan.spawn_piped("mlx-lm", Baseline.command(), head_cpus)
         self.cpus["mlx-lm"] = head_cpus
-        for cluster in self.clusters:
+        self.baseline = Baseline(process, self.model, self.prefill_chunk)
+        self.say(f"mlx-lm ready; starting {len(self.clusters)} ring(s) one after another")
+        for cluster, result in zip(self.clusters, self.ring_results, strict=True):
             cluster.start(self.lan, self.lan.log_dir / "state")
             for slot in cluster.slots:
                 self.cpus[f"{cluster.label}: {slot.name}"] = slot.cpus
-        self.say(f"started mlx-lm and {len(self.clusters)} ring(s); waiting for them")
-        self.baseline = Baseline(process, self.model)
-        for cluster, result in zip(self.clusters, self.ring_results, strict=True):
             cluster.wait_ready(self.lan, self.args.start_timeout)
             result.placement = cluster.placement
             assert cluster.placement is not None
@@ -79,7 +83,7 @@ class Measurer:
                 try:
                     stream_trace(cluster.entry_url, prompt, WARMUP_TOKENS)
                     break
-                except (httpx.HTTPError, RuntimeError) as exc:
+                except (OSError, http.client.HTTPException, RuntimeError) as exc:
                     if attempt + 1 == WARMUP_ATTEMPTS:
                         raise ClusterStartError(f"{cluster.label} does not answer: {exc}") \
                             from exc
@@ -107,7 +111,7 @@ class Measurer:
         deadline = time.monotonic() + 60
         while not listening(b.host.address, FLOOR_PORT):
             if time.monotonic() > deadline or server.poll() is not None:
-                raise ClusterStartError(f"the gRPC floor server did not start "
+                raise ClusterStartError(f"the TCP floor server did not start "
                                         f"(logs in {self.lan.log_dir})")
             time.sleep(0.2)
         client = self.lan.spawn("floor-client", [
@@ -119,9 +123,9 @@ class Measurer:
         server.wait(timeout=30)
         lines = (self.lan.log_dir / "floor-client.log").read_text().strip().splitlines()
         if client.returncode != 0 or not lines:
-            raise ClusterStartError(f"the gRPC floor client failed (logs in {self.lan.log_dir})")
+            raise ClusterStartError(f"the TCP floor client failed (logs in {self.lan.log_dir})")
         self.floor_rtt_ms = json.loads(lines[-1])["rtt_ms"]
-        self.say(f"gRPC floor: {len(self.floor_rtt_ms)} round trips between "
+        self.say(f"TCP floor: {len(self.floor_rtt_ms)} round trips between "
                  f"{a.host.namespace} and {b.host.namespace}")
 
     def measure_decode(self) -> None:
@@ -143,12 +147,18 @@ class Measurer:
             for streams in self.args.streams:
                 prompts = [self.prompt(self.args.short_prompt, 20_000 + 1000 * rep
                                        + 50 * streams + i) for i in range(streams)]
-                self.baseline_result.aggregate_tok_s.setdefault(streams, []).append(
-                    aggregate_decode_tok_s(self.baseline.batch(prompts, n)))
+                self.record(self.baseline_result, streams, self.baseline.batch(prompts, n))
                 for cluster, result in zip(self.clusters, self.ring_results, strict=True):
-                    result.aggregate_tok_s.setdefault(streams, []).append(
-                        aggregate_decode_tok_s(concurrent_traces(cluster.entry_url, prompts, n)))
+                    self.record(result, streams, concurrent_traces(cluster.entry_url, prompts, n))
             self.say(f"concurrent streams: repetition {rep + 1} of {self.args.repeats}")
+
+    def record(self, result: ConfigResult, streams: int, traces: list) -> None:
+        rate = steady_decode_tok_s(traces)
+        if rate is None:
+            self.say(f"{result.name}, {streams} streams: the streams never all decoded at "
+                     "once (raise --stream-tokens); repetition left out")
+            return
+        result.aggregate_tok_s.setdefault(streams, []).append(rate)
 
     def measure_ttft(self) -> None:
         assert self.baseline is not None

@@ -3,8 +3,14 @@
 Mesh mode: one `dnet join` per namespace (the first proposes the model); the coordinator's
 planner decides which nodes hold which layers, and the benchmark reads its decision from
 `/v1/topology`. Manual mode: one `dnet shard` per namespace with an even contiguous split, and
-`dnet api` in the head's namespace, on the head's CPU set (as a mesh node serves the API in
-the same process as its layers). Requests always enter at the node holding layer 0.
+`dnet api` beside one of them, in its namespace and on its CPU set (as a mesh node serves the
+API in the same process as its layers).
+
+Requests enter at the tail by default, the node holding the model's last layer (`Entry`): the
+tail samples a token and sends it to the head and to the entry at once, so an entry on the
+tail streams the token to the client while the head computes the next step, instead of
+taking CPU from the head's step (a node here has one core). With `Entry.HEAD` they enter at
+the node holding layer 0.
 
 `wait_ready` talks HTTP and TCP to the namespaces, so it must run on a thread that has
 entered the client namespace (cluster_lan.run_thread_in).
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import httpx
 from cluster_lan import ClusterLan, Host
-from cluster_report import Mode, Placement
+from cluster_report import Entry, Mode, Placement
 
 from dnet.local_ring import even_split
 
@@ -53,6 +59,8 @@ class RingCluster:
     num_layers: int
     context: int  # longest prompt plus answer the benchmark sends
     memory_budget: str | None = None
+    entry: Entry = Entry.TAIL
+    prefill_chunk: int | None = None  # passed as --prefill-chunk; None: dnet's default
     cluster_key: str = field(default_factory=lambda: secrets.token_hex(8))
     process_names: list[str] = field(default_factory=list)
     entry_url: str = ""
@@ -86,27 +94,33 @@ class RingCluster:
                 "--state-dir", str(state_dir / f"{slot.host.namespace}"),
                 "--cluster-key", self.cluster_key, "--context", str(self.context),
                 *(["--model", str(self.model)] if i == 0 else []),
-                *(["--memory-budget", self.memory_budget] if self.memory_budget else []))
+                *(["--memory-budget", self.memory_budget] if self.memory_budget else []),
+                *self._chunk_args())
             self._spawn(lan, slot.name, argv, slot)
+
+    def _chunk_args(self) -> list[str]:
+        return ["--prefill-chunk", str(self.prefill_chunk)] if self.prefill_chunk else []
 
     def _start_manual(self, lan: ClusterLan) -> None:
         splits = even_split(self.num_layers, self.nodes)
         head = self.slots[0].host.address
+        api_slot = self.slots[-1] if self.entry is Entry.TAIL else self.slots[0]
+        api = f"{api_slot.host.address}:{HTTP_PORT}"
         for i, (slot, layers) in enumerate(zip(self.slots, splits, strict=True)):
             last = i == self.nodes - 1
-            next_hop = (f"{head}:{HTTP_PORT}" if last
-                        else f"{self.slots[i + 1].host.address}:{GRPC_PORT}")
+            next_hop = api if last else f"{self.slots[i + 1].host.address}:{GRPC_PORT}"
             argv = self._python(
                 "shard", "-m", str(self.model), "-p", str(GRPC_PORT),
                 "-l", "[" + ",".join(map(str, layers)) + "]", "-n", next_hop,
                 "--host", slot.host.address, "--cluster-key", self.cluster_key)
             self._spawn(lan, slot.name, argv, slot)
         self._spawn(lan, "api", self._python(
-            "api", "-a", f"{head}:{HTTP_PORT}", "-s", f"{head}:{GRPC_PORT}",
+            "api", "-a", api, "-s", f"{head}:{GRPC_PORT}",
             "-m", str(self.model), "--max-context", str(self.context),
-            "--cluster-key", self.cluster_key), self.slots[0])
+            "--cluster-key", self.cluster_key, *self._chunk_args()), api_slot)
         self.placement = Placement(tuple(s.name for s in self.slots),
                                    tuple(tuple(layers) for layers in splits))
+        self.entry_url = f"http://{api}"
 
     # ----- readiness (on a thread inside the client namespace) ------------------------------
 
@@ -128,10 +142,8 @@ class RingCluster:
                                 + f" (logs in {lan.log_dir})")
 
     def _manual_ready(self) -> bool:
-        head = self.slots[0].host.address
         if not all(listening(s.host.address, GRPC_PORT) for s in self.slots):
             return False
-        self.entry_url = f"http://{head}:{HTTP_PORT}"
         return _get_json(f"{self.entry_url}/health") is not None
 
     def _mesh_ready(self) -> bool:
@@ -148,9 +160,8 @@ class RingCluster:
         if placement is None or any(v["epoch"] != views[0]["epoch"] for v in views):
             return False
         self.placement = placement
-        head = next(s for s, held in zip(self.slots, placement.layers, strict=True)
-                    if 0 in held)
-        self.entry_url = f"http://{head.host.address}:{HTTP_PORT}"
+        entry = self.slots[entry_index(placement, self.num_layers, self.entry)]
+        self.entry_url = f"http://{entry.host.address}:{HTTP_PORT}"
         return True
 
 
@@ -172,6 +183,12 @@ def placement_from_topology(view: dict, names: list[str], num_layers: int) -> Pl
             line = line.replace(node["id"], node["name"])
         explanation.append(line)
     return Placement(tuple(names), layers, tuple(explanation))
+
+
+def entry_index(placement: Placement, num_layers: int, entry: Entry) -> int:
+    """Which node requests enter at: the holder of the last layer, or of layer 0."""
+    layer = num_layers - 1 if entry is Entry.TAIL else 0
+    return next(i for i, held in enumerate(placement.layers) if layer in held)
 
 
 def listening(host: str, port: int) -> bool:

@@ -6,8 +6,11 @@ tests/test_bench_cluster.py). Definitions, as printed with every report:
 - TTFT: from sending the request to its first streamed token (mlx-lm: from calling
   `generate_step` to its first token), for a fresh random prompt of each length.
 - Decode tok/s of one stream: (n - 1) / (t_last - t_first) over n tokens.
-- Aggregate decode tok/s of N concurrent streams: sum(n_i - 1) / (latest last token - earliest
-  first token) (tools/benchlib.py); mlx-lm's is its BatchGenerator given all N prompts at once.
+- Aggregate decode tok/s of N concurrent streams, while all N decode: the tokens arriving after
+  the last stream's first token up to the first stream's last token, over that window
+  (tools/benchlib.py `steady_decode_tok_s`); mlx-lm's is its BatchGenerator given all N prompts
+  at once, whose streams start and end together. The ring prefills concurrent prompts one
+  after another; counting that as decode time would measure prefill.
 - Hops per token: the messages on a decode step's critical path. The layers, in order, form
   runs on nodes; each run but the last hands its activation to the next run's node, and the
   tail sends the sampled token to the head unless it is the head: (runs - 1) + (tail != head);
@@ -17,8 +20,8 @@ tests/test_bench_cluster.py). Definitions, as printed with every report:
   one-way link delay. The 1-node ring computes the same layers with no hop, and every node has
   a core of its own, so the difference is what the hops cost. Given as the median over paired
   repetitions (the k-node and 1-node figures of the same repetition) and their range.
-- Floor: half the median round trip of a raw gRPC message of one decode hop's size between
-  two node namespaces (tools/cluster_floor.py), less the link delay.
+- Floor: half the median round trip of a raw TCP message of one decode hop's size between
+  two Python processes in two node namespaces (tools/cluster_floor.py), less the link delay.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from __future__ import annotations
 import enum
 import statistics
 from dataclasses import dataclass, field
+
+
+class Entry(enum.Enum):
+    """Where the benchmark's requests enter the ring."""
+
+    TAIL = "tail"  # the node holding the last layer: it streams while the head computes
+    HEAD = "head"  # the node holding layer 0
 
 
 class Mode(enum.Enum):
@@ -279,9 +289,11 @@ def header_lines(report: Report) -> list[str]:
     if link.wanted_delay_ms == 0:
         delay = "no added delay (preset none)"
     pins = "; ".join(f"{name} on CPU {cpus}" for name, cpus in report.cpus.items())
-    how = {Mode.MESH: "`dnet join` on every node, requests entering at the node holding "
-                      "layer 0",
-           Mode.MANUAL: "`dnet shard` on every node, `dnet api` beside the first on its CPUs"}
+    entry = Entry(s.get("entry", Entry.TAIL.value))
+    where = {Entry.TAIL: "the node holding the last layer", Entry.HEAD: "the node holding layer 0"}
+    how = {Mode.MESH: f"`dnet join` on every node, requests entering at {where[entry]}",
+           Mode.MANUAL: f"`dnet shard` on every node, `dnet api` beside {where[entry]}, on its "
+                        "CPUs"}
     return [
         f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, MLX {m['mlx']} "
         f"({m['mlx_device']}), mlx-lm {m['mlx_lm']}, Python {m['python']}; 1-min load "
@@ -294,14 +306,16 @@ def header_lines(report: Report) -> list[str]:
         f"namespace of its own; pinned: {pins}",
         f"- links: veth pairs on a bridge, tbf {link.rate} each way; {delay}",
         f"- settings: decode over {s['decode_tokens']} tokens after a {s['short_prompt']}-token "
-        f"prompt, {s['stream_tokens']} tokens per concurrent stream; median of {s['repeats']} "
-        f"(TTFT: {s['ttft_repeats']}) after a warm-up; elapsed {report.elapsed_s:.0f} s",
+        f"prompt, {s['stream_tokens']} tokens per concurrent stream; prefill in chunks of "
+        f"{s.get('prefill_chunk', '?')} tokens (mlx-lm's prefill_step_size too); median of "
+        f"{s['repeats']} (TTFT: {s['ttft_repeats']}) after a warm-up; elapsed "
+        f"{report.elapsed_s:.0f} s",
     ]
 
 
 def render(report: Report) -> str:
     floor = floor_one_way_ms(report.floor_rtt_ms, report.link.applied_delay_ms)
-    floor_line = (f"- floor: a raw gRPC message of {report.floor_bytes} bytes between two node "
+    floor_line = (f"- floor: a raw TCP message of {report.floor_bytes} bytes between two node "
                   f"namespaces takes {floor:.3f} ms one way above the link delay (half the "
                   f"median of {len(report.floor_rtt_ms)} round trips)"
                   if floor is not None else "- floor: not measured (no 2-node configuration)")

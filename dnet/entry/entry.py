@@ -27,7 +27,7 @@ from dnet.prefix.index import block_keys, namespace_for
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import frames
 from dnet.ring.frames import Lookup, Release
-from dnet.ring.links import GRPC, LinkPool, Transport, open_frames
+from dnet.ring.links import TCP, LinkPool, StreamMethod, Transport
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class RingEntry:
     def __init__(self, head: str, *, address: str, epoch: int = 0, admitting: bool = True,
                  recover: bool = False, max_requests: int = DEFAULT_MAX_REQUESTS,
                  timeouts: Timeouts | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 transport: Transport = GRPC, inflight: Inflight | None = None) -> None:
+                 transport: Transport = TCP, inflight: Inflight | None = None) -> None:
         self._address = address
         self._recover = recover
         self._max_requests = max_requests
@@ -90,7 +90,7 @@ class RingEntry:
         self._prefill_chunk = prefill_chunk
         self._gate = RingGate(RingView(head, epoch, admitting))
         self._inflight = inflight or Inflight()
-        self._links = LinkPool(open_frames, self._on_rejected, self._on_broken, transport)
+        self._links = LinkPool(StreamMethod.FRAMES, self._on_rejected, self._on_broken, transport)
         self.stats = DecodeStats()
 
     @property
@@ -285,6 +285,6 @@ class RingEntry:
         self._inflight.fail(status.request_id, 502,
                             f"the head shard rejected the request: {status.message}")
 
-    def _on_broken(self, address: str, _unsent: list[object], reason: str) -> None:
+    def _on_broken(self, address: str, reason: str) -> None:
         self._inflight.fail_sent_to(address, 503,
                                     f"ring head {address} is unreachable ({reason})")

@@ -257,6 +257,12 @@ class HealthReply(_message.Message):
     unavailable_kind: UnavailableKind
     def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., active_requests: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., window: _Optional[int] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., leads_epoch: _Optional[int] = ..., unavailable: _Optional[str] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., unavailable_kind: _Optional[_Union[UnavailableKind, str]] = ...) -> None: ...
 
+class DataPlaneInfo(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
+
 class MeasureRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

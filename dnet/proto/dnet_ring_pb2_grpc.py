@@ -273,6 +273,78 @@ class Ring:
             _registered_method=True)
 
 
+class DataPlaneStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Info = channel.unary_unary(
+                '/dnet.ring.v1.DataPlane/Info',
+                request_serializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.SerializeToString,
+                response_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.DataPlaneInfo.FromString,
+                _registered_method=True)
+
+
+class DataPlaneServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DataPlaneServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=dnet_dot_proto_dot_dnet__ring__pb2.Empty.FromString,
+                    response_serializer=dnet_dot_proto_dot_dnet__ring__pb2.DataPlaneInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dnet.ring.v1.DataPlane', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dnet.ring.v1.DataPlane', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class DataPlane:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dnet.ring.v1.DataPlane/Info',
+            dnet_dot_proto_dot_dnet__ring__pb2.Empty.SerializeToString,
+            dnet_dot_proto_dot_dnet__ring__pb2.DataPlaneInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ControlStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -4,8 +4,9 @@ With a cluster key, each call carries `x-dnet-ts` (ms since the epoch), `x-dnet-
 `x-dnet-mac` = HMAC-SHA256(key-derived secret, method, ts, nonce). A server refuses calls
 without a valid MAC, outside a clock window, or reusing a nonce it has seen, so a captured
 call cannot be replayed; it logs each refusal with the caller's address. Streams are
-authenticated when they open. Without a key, calls carry nothing and anyone on the network
-can join, as the seed's design allows. The MAC authenticates; it does not encrypt.
+authenticated when they open, gRPC's and the data plane's TCP streams (`dnet.ring.tcp`)
+alike. Without a key, calls carry nothing and anyone on the network can join, as the seed's
+design allows. The MAC authenticates; it does not encrypt.
 Refusals are logged once per caller, method and kind, then at most once a minute with a count
 (a peer with a skewed clock calls every second).
 
@@ -123,6 +124,22 @@ def key() -> str | None:
     return _key
 
 
+def sign(method: str) -> list[tuple[str, str]]:
+    """The signature metadata of a call or stream to `method`; empty without a cluster key."""
+    return _auth.sign(method) if _auth is not None else []
+
+
+def check(method: str, metadata: tuple[tuple[str, Any], ...]) -> Refusal | None:
+    """None if a call or stream to `method` with `metadata` may proceed here (always, without
+    a cluster key), else why not. The data plane's streams (`dnet.ring.tcp`) use this."""
+    return _auth.verify(method, metadata) if _auth is not None else None
+
+
+def refusal_log() -> LogLimiter:
+    """Where refused calls are logged: once per caller, method and kind, then once a minute."""
+    return LogLimiter(log)
+
+
 # ----- client side ---------------------------------------------------------------------------
 
 
@@ -176,7 +193,7 @@ def peer_host(peer: str) -> str:
 class _Checker(grpc.ServerInterceptor):
     def __init__(self, auth: ClusterAuth) -> None:
         self._auth = auth
-        self._refusals = LogLimiter(log)
+        self._refusals = refusal_log()
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = continuation(details)

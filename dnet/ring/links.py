@@ -1,33 +1,38 @@
-"""Persistent streams to ring neighbours, over gRPC or any other `Transport`.
+"""Persistent streams to ring neighbours, over TCP or any other `Transport`.
 
 A unary call per frame costs a round trip; a stream kept open per neighbour lets the sender
 write and move on. A link notices a dead peer from the stream's error (at once when the
 process dies, within a few seconds through keepalive when the host vanishes) and reports it,
-so the owner can fail the requests it had sent that way instead of letting them hang.
+so the owner can fail the requests it had sent that way instead of letting them hang; the
+next message to that address opens a new stream.
 
-Who is at the other end of an address is the `Transport`'s business: `GRPC` dials the real
-network (`auth.channel`); `dnet.ring.memory.MemoryNetwork` connects to servicers in the same
-process. Shard runtimes and entries take a transport as a constructor argument.
+Who is at the other end of an address is the `Transport`'s business: `TCP` dials the real
+network's data plane (`dnet.ring.tcp`: one TCP connection per link, the sender's own thread
+writing); `dnet.ring.memory.MemoryNetwork` connects to servicers in the same process. Shard
+runtimes and entries take a transport as a constructor argument. Control traffic (health,
+plans, releases) stays on gRPC.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
-import queue
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent import futures
 from typing import Any, Protocol
 
 import grpc
 
+from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
-from dnet.ring import auth
+from dnet.ring import auth, tcp
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES = tcp.MAX_MESSAGE_BYTES
 _KEEPALIVE = [
     ("grpc.keepalive_time_ms", 2000),
     ("grpc.keepalive_timeout_ms", 2000),
@@ -53,151 +58,111 @@ SERVER_OPTIONS = [
     *_KEEPALIVE,
 ]
 
-_CLOSE = object()
 
-class RingStub(Protocol):
-    """The streaming calls of the Ring service, as `pb_grpc.RingStub` makes them."""
+class StreamMethod(enum.Enum):
+    """The Ring service's streaming methods, by their gRPC names (what the MAC signs)."""
 
-    def Frames(self, messages: Iterator[Any]) -> Iterator[Any]: ...  # noqa: N802
-
-    def Tokens(self, messages: Iterator[Any]) -> Iterator[Any]: ...  # noqa: N802
-
-
-class Connection(Protocol):
-    """An open connection to one address; a broken stream raises grpc.RpcError."""
+    FRAMES = "/dnet.ring.v1.Ring/Frames"  # Frame in, FrameStatus (rejections) back
+    TOKENS = "/dnet.ring.v1.Ring/Tokens"  # Token in, nothing back
 
     @property
-    def stub(self) -> RingStub: ...
+    def handler_name(self) -> str:
+        """The servicer method that handles it: `Frames` or `Tokens`."""
+        return self.value.rsplit("/", 1)[1]
+
+
+REQUEST_TYPES = {StreamMethod.FRAMES: pb.Frame, StreamMethod.TOKENS: pb.Token}
+REPLY_TYPES = {StreamMethod.FRAMES: pb.FrameStatus, StreamMethod.TOKENS: pb.Empty}
+
+OnReply = Callable[[Any], None]
+OnBroken = Callable[[str, str], None]  # (address, reason)
+
+
+class Stream(Protocol):
+    def send(self, message: Any) -> None:
+        """Queue or write `message`; never waits for the network. A broken stream drops it
+        (its owner heard through `on_broken`)."""
+        ...
 
     def close(self) -> None: ...
 
 
 class Transport(Protocol):
-    def connect(self, address: str) -> Connection:
-        """A connection to `address`; connecting is lazy, failures show on the streams."""
+    def open(self, address: str, method: StreamMethod, on_reply: OnReply,
+             on_broken: Callable[[str], None]) -> Stream:
+        """A stream of `method` to `address`; connecting is lazy, and a failure to connect
+        or a broken stream is reported once through `on_broken(reason)`."""
         ...
 
 
-class _GrpcConnection:
-    def __init__(self, address: str) -> None:
-        self._channel = auth.channel(address)
-        self.stub = pb_grpc.RingStub(self._channel)
+class TcpTransport:
+    """The real network: the data plane's authenticated TCP streams (`dnet.ring.tcp`)."""
 
-    def close(self) -> None:
-        self._channel.close()
+    def __init__(self) -> None:
+        self._ports = tcp.DataPorts()
 
-
-class GrpcTransport:
-    """The real network: authenticated gRPC channels (`dnet.ring.auth`)."""
-
-    def connect(self, address: str) -> Connection:
-        return _GrpcConnection(address)
+    def open(self, address: str, method: StreamMethod, on_reply: OnReply,
+             on_broken: Callable[[str], None]) -> Stream:
+        return tcp.ClientStream(address, method.value, REPLY_TYPES[method], self._ports,
+                                on_reply, on_broken)
 
 
-GRPC = GrpcTransport()
-
-OpenStream = Callable[[RingStub, Iterator[Any]], Iterator[Any]]
-OnBroken = Callable[[str, list[Any], str], None]
-
-
-def open_frames(stub: RingStub, messages: Iterator[Any]) -> Iterator[Any]:
-    return stub.Frames(messages)
-
-
-def open_tokens(stub: RingStub, messages: Iterator[Any]) -> Iterator[Any]:
-    return stub.Tokens(messages)
+TCP = TcpTransport()
 
 
 class StreamLink:
-    """One open client stream to `address`; `send` never blocks on the network."""
+    """One open stream to `address`; `send` never blocks on the network."""
 
-    def __init__(
-        self,
-        address: str,
-        open_stream: OpenStream,
-        on_reply: Callable[[Any], None],
-        on_broken: OnBroken,
-        transport: Transport = GRPC,
-    ) -> None:
+    def __init__(self, address: str, method: StreamMethod, on_reply: OnReply,
+                 on_broken: OnBroken, transport: Transport = TCP) -> None:
         self.address = address
-        self._open_stream = open_stream
+        self._method = method
         self._on_reply = on_reply
         self._on_broken = on_broken
-        self._connection = transport.connect(address)
+        self._transport = transport
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue[Any] | None = None
+        self._stream: Stream | None = None
         self._closed = False
 
     def send(self, message: Any) -> None:
-        """Queue `message` on the stream (opened on first use); raises ConnectionError once
-        the link is closed. A broken stream is reported through `on_broken`, not here."""
+        """Send `message` on the stream (opened on first use, and again after a break);
+        raises ConnectionError once the link is closed. A broken stream is reported through
+        `on_broken`, not here."""
         with self._lock:
             if self._closed:
                 raise ConnectionError(f"link to {self.address} is closed")
-            if self._outbox is None:
-                self._outbox = queue.SimpleQueue()
-                replies = self._open_stream(self._connection.stub, _drain(self._outbox))
-                threading.Thread(
-                    target=self._read_replies,
-                    args=(replies, self._outbox),
-                    name=f"link-{self.address}",
-                    daemon=True,
-                ).start()
-            self._outbox.put(message)
+            if self._stream is None:
+                holder: list[Stream] = []
+                self._stream = self._transport.open(
+                    self.address, self._method, self._on_reply,
+                    lambda reason: self._broken(holder, reason))
+                holder.append(self._stream)
+            # Under the lock: messages from several threads keep the order they were sent in.
+            self._stream.send(message)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self._outbox is not None:
-                self._outbox.put(_CLOSE)
-                self._outbox = None
-        self._connection.close()
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
 
-    def _read_replies(self, replies: Iterator[Any], outbox: queue.SimpleQueue[Any]) -> None:
-        try:
-            for reply in replies:
-                self._on_reply(reply)
-            reason = "the peer closed the stream"
-        except grpc.RpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"
-        except ValueError as exc:  # grpc raises this once the channel is closed under us
-            reason = str(exc)
+    def _broken(self, holder: list[Stream], reason: str) -> None:
         with self._lock:
-            if self._outbox is outbox:
-                self._outbox = None
+            if holder and self._stream is holder[0]:
+                self._stream = None
             closed = self._closed
-        unsent = _pending(outbox)
-        outbox.put(_CLOSE)  # ends grpc's reader of the dead stream's request iterator
         if not closed:
             log.warning("link to %s broke: %s", self.address, reason)
-            self._on_broken(self.address, unsent, reason)
-
-
-def _drain(outbox: queue.SimpleQueue[Any]) -> Iterator[Any]:
-    while True:
-        message = outbox.get()
-        if message is _CLOSE:
-            return
-        yield message
-
-
-def _pending(outbox: queue.SimpleQueue[Any]) -> list[Any]:
-    unsent: list[Any] = []
-    while True:
-        try:
-            message = outbox.get_nowait()
-        except queue.Empty:
-            return unsent
-        if message is not _CLOSE:
-            unsent.append(message)
+            self._on_broken(self.address, reason)
 
 
 class LinkPool:
     """One link per peer address, created on first use."""
 
-    def __init__(self, open_stream: OpenStream, on_reply: Callable[[Any], None],
-                 on_broken: OnBroken, transport: Transport = GRPC) -> None:
-        self._open_stream = open_stream
+    def __init__(self, method: StreamMethod, on_reply: OnReply, on_broken: OnBroken,
+                 transport: Transport = TCP) -> None:
+        self._method = method
         self._on_reply = on_reply
         self._on_broken = on_broken
         self._transport = transport
@@ -205,11 +170,11 @@ class LinkPool:
         self._lock = threading.Lock()
 
     def send(self, address: str, message: Any) -> None:
-        """Queue `message` for `address`, opening a link to it on first use."""
+        """Send `message` to `address`, opening a link to it on first use."""
         with self._lock:
             link = self._links.get(address)
             if link is None:
-                link = StreamLink(address, self._open_stream, self._on_reply, self._on_broken,
+                link = StreamLink(address, self._method, self._on_reply, self._on_broken,
                                   self._transport)
                 self._links[address] = link
         link.send(message)
@@ -248,25 +213,83 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_server(services: pb_grpc.RingServicer | list[tuple[Callable[..., Any], Any]], host: str,
-                 port: int, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """Serve a Ring servicer (or (add_to_server, servicer) pairs) on host:port, exclusively;
-    0 picks a free port. Returns (server, port); raises PortInUse, or OSError."""
-    from concurrent import futures
+class _DataPlaneInfo(pb_grpc.DataPlaneServicer):  # type: ignore[misc]  # generated untyped
+    def __init__(self, port: int) -> None:
+        self._port = port
 
+    def Info(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.DataPlaneInfo:  # noqa: N802
+        return pb.DataPlaneInfo(port=self._port)
+
+
+class RingServer(grpc.Server):  # type: ignore[misc]  # grpc is untyped
+    """A gRPC server and the TCP data plane of its Ring servicer, stopped together."""
+
+    def __init__(self, server: grpc.Server, data: tcp.DataListener | None) -> None:
+        self._server = server
+        self._data = data
+
+    @property
+    def data_port(self) -> int | None:
+        return self._data.port if self._data is not None else None
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return int(self._server.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, credentials: Any) -> int:
+        return int(self._server.add_secure_port(address, credentials))
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop listening on both; open data streams break at once, gRPC calls get `grace`."""
+        if self._data is not None:
+            self._data.close()
+        return self._server.stop(grace)  # type: ignore[no-any-return]
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self._server.wait_for_termination(timeout))
+
+
+def _data_listener(services: list[tuple[Callable[..., Any], Any]],
+                   host: str) -> tcp.DataListener | None:
+    """The data plane of the Ring servicer among `services`, if there is one."""
+    ring = next((servicer for add, servicer in services
+                 if add is pb_grpc.add_RingServicer_to_server), None)
+    if ring is None:
+        return None
+    return tcp.DataListener(host, {
+        method.value: (getattr(ring, method.handler_name), REQUEST_TYPES[method])
+        for method in StreamMethod})
+
+
+def start_server(services: pb_grpc.RingServicer | list[tuple[Callable[..., Any], Any]], host: str,
+                 port: int, max_workers: int = 32) -> tuple[RingServer, int]:
+    """Serve a Ring servicer (or (add_to_server, servicer) pairs) on host:port, exclusively;
+    0 picks a free port. A Ring servicer's streams are also served on the TCP data plane
+    (`dnet.ring.tcp`), on a free port of `host` that `DataPlane.Info` names. Returns
+    (server, port); raises PortInUse, or OSError."""
     if port:
         listen_socket(host, port).close()  # the error names the cause, which grpc does not
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=SERVER_OPTIONS, interceptors=auth.server_interceptors())
     if not isinstance(services, list):
         services = [(pb_grpc.add_RingServicer_to_server, services)]
+    data = _data_listener(services, host)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=SERVER_OPTIONS, interceptors=auth.server_interceptors())
     for add_to_server, servicer in services:
         add_to_server(servicer, server)
+    if data is not None:
+        pb_grpc.add_DataPlaneServicer_to_server(_DataPlaneInfo(data.port), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # newer grpc raises instead of returning 0
         bound = 0
     if bound == 0:
+        if data is not None:
+            data.close()
         raise PortInUse(host, port)
     server.start()
-    return server, bound
+    return RingServer(server, data), bound

@@ -2,10 +2,11 @@
 
 `MemoryNetwork` is a `Transport` (see `dnet.ring.links`): shard runtimes and entries built
 with it reach each other's real servicers (`ShardService`, `EntryService`) as they would
-over gRPC: each stream has its own handler thread, every message is serialized and parsed
-again (so nothing that would not survive the wire gets through), replies come back on the
-stream, and a peer that is `kill`ed breaks the streams to it with UNAVAILABLE, as a dead
+over the network: each stream has its own handler thread, every message is serialized and
+parsed again (so nothing that would not survive the wire gets through), replies come back on
+the stream, and a peer that is `kill`ed breaks the streams to it with UNAVAILABLE, as a dead
 process does. Tests use it to run a whole ring in one process; nothing here is for speed.
+`connect(address).stub` also offers the streams as gRPC's iterator-style calls.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 import grpc
 
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
+from dnet.ring.links import OnReply, StreamMethod
 
 _END = object()
+_CLOSE = object()
 
 
 class MemoryRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
@@ -153,6 +156,11 @@ class MemoryNetwork:
         for stream in streams:
             stream.fail(grpc.StatusCode.UNAVAILABLE, f"{address} went away")
 
+    def open(self, address: str, method: StreamMethod, on_reply: OnReply,
+             on_broken: Callable[[str], None]) -> _LinkStream:
+        """A `links.Stream` of `method` to the servicer at `address` (`links.Transport`)."""
+        return _LinkStream(self.connect(address), method, on_reply, on_broken)
+
     def connect(self, address: str) -> _Connection:
         connection = _Connection(self, address)
         with self._lock:
@@ -180,3 +188,42 @@ class MemoryNetwork:
             connections = self._connections.get(connection.address, [])
             if connection in connections:
                 connections.remove(connection)
+
+
+class _LinkStream:
+    """A link's stream over an in-memory connection: `send` queues for the handler thread,
+    a reader thread hands replies to `on_reply` and reports the end of the stream once."""
+
+    def __init__(self, connection: _Connection, method: StreamMethod, on_reply: OnReply,
+                 on_broken: Callable[[str], None]) -> None:
+        self._connection = connection
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        replies = connection.open(method.handler_name, self._drain())
+        threading.Thread(target=self._read, args=(replies, on_reply, on_broken),
+                         name=f"link-{connection.address}", daemon=True).start()
+
+    def send(self, message: Any) -> None:
+        if not self._closed.is_set():
+            self._outbox.put(message)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._outbox.put(_CLOSE)
+        self._connection.close()
+
+    def _drain(self) -> Iterator[Any]:
+        while (message := self._outbox.get()) is not _CLOSE:
+            yield message
+
+    def _read(self, replies: Iterator[Any], on_reply: OnReply,
+              on_broken: Callable[[str], None]) -> None:
+        try:
+            for reply in replies:
+                on_reply(reply)
+            reason = "the peer closed the stream"
+        except grpc.RpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        self._outbox.put(_CLOSE)  # ends the handler's reading of a dead stream
+        if not self._closed.is_set():
+            on_broken(reason)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import frames
 from dnet.ring.frames import Message
-from dnet.ring.links import GRPC, LinkPool, Transport, open_frames, open_tokens
+from dnet.ring.links import TCP, LinkPool, StreamMethod, Transport
 from dnet.shard.router import Router
 
 
@@ -74,10 +73,11 @@ class Outbox:
     `post`, which queues them for the compute thread.
     """
 
-    def __init__(self, post: Callable[[Inbound], None], transport: Transport = GRPC) -> None:
+    def __init__(self, post: Callable[[Inbound], None], transport: Transport = TCP) -> None:
         self._post = post
-        self._frames = LinkPool(open_frames, self._on_status, self._on_frames_broken, transport)
-        self._tokens = LinkPool(open_tokens, lambda _reply: None, self._on_tokens_broken,
+        self._frames = LinkPool(StreamMethod.FRAMES, self._on_status, self._on_frames_broken,
+                               transport)
+        self._tokens = LinkPool(StreamMethod.TOKENS, lambda _reply: None, self._on_tokens_broken,
                                 transport)
 
     def frame(self, address: str, message: Message) -> None:
@@ -93,8 +93,8 @@ class Outbox:
     def _on_status(self, status: pb.FrameStatus) -> None:
         self._post(Rejected(status.request_id, status.code, status.message))
 
-    def _on_frames_broken(self, address: str, _unsent: list[Any], reason: str) -> None:
+    def _on_frames_broken(self, address: str, reason: str) -> None:
         self._post(LinkBroken(address, reason))
 
-    def _on_tokens_broken(self, address: str, _unsent: list[Any], reason: str) -> None:
+    def _on_tokens_broken(self, address: str, reason: str) -> None:
         self._post(EntryGone(address, reason))

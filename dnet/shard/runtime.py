@@ -44,7 +44,7 @@ from dnet.ring.frames import (
     Step,
     TrainStep,
 )
-from dnet.ring.links import GRPC, Transport
+from dnet.ring.links import TCP, Transport
 from dnet.shard import decisions
 from dnet.shard.decisions import DEFAULT_KV_TTL_S, TOMBSTONE_TTL_S
 from dnet.shard.inbox import (
@@ -78,7 +78,8 @@ class ShardRuntime:
     """A shard's compute loop over a `Stage` loaded by `load_stage` on its own thread.
 
     `router` says where activations go after this shard's runs; `transport` is how links
-    reach other members (gRPC, or `dnet.ring.memory.MemoryNetwork` in one process).
+    reach other members (the TCP data plane, or `dnet.ring.memory.MemoryNetwork` in one
+    process).
     `kv_cap_bytes` caps the KV cache requests may reserve here (default: half the memory
     available once the stage is loaded); past it a new request gets a clear 503.
     `prefix_cache_bytes` bounds the prefix cache (0: off; default: `dnet.prefix.budget`'s
@@ -87,7 +88,7 @@ class ShardRuntime:
 
     def __init__(self, load_stage: Callable[[], Stage], router: Router, *, model_name: str,
                  kv_ttl_s: float = DEFAULT_KV_TTL_S, epoch: int = 0,
-                 kv_cap_bytes: int | None = None, transport: Transport = GRPC,
+                 kv_cap_bytes: int | None = None, transport: Transport = TCP,
                  prefix_cache_bytes: int | None = None) -> None:
         self._load_stage = load_stage
         self._router = router

@@ -4,9 +4,12 @@ A *train* is a set of requests whose decode steps move as one batched frame: one
 pass per stage for all of them. With S stages, S trains keep every stage busy at once (one
 train per stage, like a pipeline), and batching within a train makes each stage's pass
 cheaper per token. A new request starts its own train while there are fewer than S;
-otherwise it waits at the tail (at most one ring cycle) and boards the next train that
-passes. A train that has been a batch stays one until it empties, so its members' KV caches
-stay in one batch cache on every stage.
+otherwise it waits at the tail (at most one ring cycle) and boards a train as it passes.
+Trains are kept the same size: a passing train takes waiting requests only up to its fair
+share, ceil(requests decoding / S), so that with N requests every stage runs batches of
+about N / S, never one train of N - 1 and one of 1 (the stage holding the big one would be
+the pipeline's bottleneck while the other idles). A train that has been a batch stays one
+until it empties, so its members' KV caches stay in one batch cache on every stage.
 
 A lone request's train has the request's own id, and its steps travel as request steps
 (its KV caches stay its own); a batched train gets a fresh id when it forms, and its steps
@@ -66,25 +69,46 @@ class TrainScheduler:
         self.waiting.append(request_id)
         return []
 
+    def share(self, others: list[int]) -> int:
+        """The fair size of one more train next to trains of sizes `others`.
+
+        The requests decoding (in trains or waiting), q * max_trains + r of them, are best
+        carried by r trains of q + 1 and the rest of q: a train gets q + 1 while fewer than r
+        others are bigger than q (never more than max_batch, never less than 1)."""
+        decoding = len(self.waiting) + sum(len(members) for members in self.trains.values())
+        q, r = divmod(decoding, self.max_trains)
+        bigger = sum(1 for size in others if size > q)
+        return max(1, min(self.max_batch, q + (1 if bigger < r else 0)))
+
     def passed(self, train_id: str, continuing: list[str]) -> list[Dispatch]:
-        """Train `train_id` finished a step at the tail; `continuing` go on, in order."""
+        """Train `train_id` finished a step at the tail; `continuing` go on, in order.
+
+        The train takes waiting requests up to its fair share (`share`); requests still
+        waiting start trains of their own while there are fewer than `max_trains`."""
         self.trains.pop(train_id, None)
         was_batched = train_id in self.batched
         self.batched.discard(train_id)
-        room = max(0, self.max_batch - len(continuing))
+        others = [len(members) for members in self.trains.values()]
+        self.trains[train_id] = tuple(continuing)  # counted among the requests decoding
+        room = max(0, self.share(others) - len(continuing))
+        del self.trains[train_id]
         boarding, self.waiting = self.waiting[:room], self.waiting[room:]
         members = tuple(continuing) + tuple(boarding)
-        if not members:
-            return []
-        if len(members) == 1 and not was_batched:
+        dispatches = [self._dispatch(train_id if was_batched else None, members)] \
+            if members else []
+        return dispatches + self.drain_waiting()
+
+    def _dispatch(self, batch_id: str | None, members: tuple[str, ...]) -> Dispatch:
+        """Start `members` as a train: a lone request under its own id, a batch under
+        `batch_id` (a batch going on) or a fresh id (a batch forming: every stage builds
+        its batch cache for it once)."""
+        if len(members) == 1 and batch_id is None:
             self.trains[members[0]] = members
-            return [Dispatch(members[0], members, batched=False)]
-        # A single request keeps its own id as a train; a batch gets a fresh id whenever it
-        # forms, so every stage builds its batch cache for it once.
-        batch_id = train_id if was_batched else self.new_id()
+            return Dispatch(members[0], members, batched=False)
+        batch_id = batch_id or self.new_id()
         self.trains[batch_id] = members
         self.batched.add(batch_id)
-        return [Dispatch(batch_id, members, batched=True)]
+        return Dispatch(batch_id, members, batched=True)
 
     def forget(self, request_id: str) -> None:
         """The request ended outside a step (released, failed): it boards nothing."""
@@ -100,8 +124,11 @@ class TrainScheduler:
                     self.batched.discard(train_id)
 
     def drain_waiting(self) -> list[Dispatch]:
-        """Start trains for waiting requests when trains are missing (e.g. one emptied)."""
+        """Start trains for waiting requests when trains are missing (e.g. one emptied), each
+        of at most the fair share."""
         dispatches = []
         while self.waiting and len(self.trains) < self.max_trains:
-            dispatches += self.ready(self.waiting.pop(0))
+            size = self.share([len(members) for members in self.trains.values()])
+            boarding, self.waiting = self.waiting[:size], self.waiting[size:]
+            dispatches.append(self._dispatch(None, tuple(boarding)))
         return dispatches

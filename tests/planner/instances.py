@@ -51,6 +51,7 @@ def random_options(rng: random.Random, window_covers_run: bool) -> PlanOptions:
         context_tokens=rng.randint(0, 4),
         reserve_bytes=rng.randint(0, 40),
         window_covers_run=window_covers_run,
+        latency_tolerance=rng.choice([0.1, 0.3, 1.0]),
     )
 
 

@@ -88,10 +88,39 @@ def recompute_ms(
     return total
 
 
+def recompute_period_ms(
+    model: ModelProfile, devices: Sequence[DeviceProfile], plan: Plan
+) -> float:
+    """A plan's period: its busiest device's compute + disk per token."""
+    by_id = {device.id: device for device in devices}
+    last_owner = next(m.id for m in plan.devices if model.num_layers - 1 in m.layers)
+    return max(device_work_ms(model, by_id[m.id], len(m.layers), m.window, m.id == last_owner)
+               for m in plan.devices)
+
+
+def slack(value: float) -> float:
+    return 1e-12 + 1e-9 * abs(value)
+
+
 @dataclass(frozen=True)
 class BruteForceResult:
+    """The objective's answer: among plans within `latency_tolerance` of the fastest
+    (`fastest_ms`), the shortest period (`period_ms`), and the fastest of those (`best_ms`)."""
+
     best_ms: float  # inf when nothing fits
     least_shortfall_bytes: int
+    fastest_ms: float = math.inf
+    period_ms: float = math.inf
+
+
+def choose(plans: list[tuple[float, float]], tolerance: float) -> tuple[float, float, float]:
+    """(best, fastest, period) ms from every plan's (time per token, period)."""
+    fastest = min(time for time, _ in plans)
+    ceiling = fastest * (1 + tolerance)
+    ceiling += slack(ceiling)
+    period = min(p for time, p in plans if time <= ceiling)
+    best = min(time for time, p in plans if time <= ceiling and p <= period + slack(period))
+    return best, fastest, period
 
 
 def brute_force(
@@ -109,7 +138,7 @@ def brute_force(
     """
     by_id = {device.id: device for device in devices}
     num_layers = model.num_layers
-    best = math.inf
+    plans: list[tuple[float, float]] = []  # (time per token, period) of every plan that fits
     least_shortfall = math.inf
 
     @cache
@@ -160,7 +189,12 @@ def brute_force(
                     fixed = sum(sent.values())
                     if joint_windows:
                         for combo in itertools.product(*choices):
-                            best = min(best, fixed + sum(work for _, work in combo))
+                            works = [work for _, work in combo]
+                            plans.append((fixed + sum(works), max(works)))
                     else:
-                        best = min(best, fixed + sum(min(w for _, w in c) for c in choices))
-    return BruteForceResult(best_ms=best, least_shortfall_bytes=int(least_shortfall))
+                        works = [min(w for _, w in c) for c in choices]
+                        plans.append((fixed + sum(works), max(works)))
+    if not plans:
+        return BruteForceResult(best_ms=math.inf, least_shortfall_bytes=int(least_shortfall))
+    best, fastest, period = choose(plans, options.latency_tolerance)
+    return BruteForceResult(best, int(least_shortfall), fastest, period)

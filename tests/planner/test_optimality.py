@@ -1,19 +1,23 @@
-"""Exact optimality: the planner's plan costs exactly what brute force over every plan finds.
+"""Exact optimality: the planner's plan is exactly what brute force over every plan finds.
 
 Brute force (tests/planner/reference.py) tries every ring (device subset and order), every
 per-round run vector (so every number of rounds k), and every window, evaluating each with an
-independent re-implementation of the cost model. Instances reach 4 devices and 12 layers.
+independent re-implementation of the cost model, and applies the objective: the shortest
+period among plans within the latency tolerance of the fastest, then the fastest of those.
+Instances reach 4 devices and 12 layers, with the default tolerance and with none (the fastest
+plan alone, the objective before the period was added).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from planner import InfeasiblePlanError, plan_layers
 from tests.planner.instances import random_instance
-from tests.planner.reference import brute_force, recompute_ms
+from tests.planner.reference import brute_force, recompute_ms, recompute_period_ms
 
 
 def assert_matches_brute_force(
@@ -25,6 +29,11 @@ def assert_matches_brute_force(
     joint_windows: bool = False,
 ) -> None:
     model, fleet, options = random_instance(seed, devices, max_layers, covers, per_peer)
+    for tolerance in (options.latency_tolerance, 0.0):
+        check(model, fleet, replace(options, latency_tolerance=tolerance), joint_windows)
+
+
+def check(model, fleet, options, joint_windows: bool) -> None:
     expected = brute_force(model, fleet, options, joint_windows=joint_windows)
     try:
         plan = plan_layers(model, fleet, options)
@@ -35,8 +44,12 @@ def assert_matches_brute_force(
         return
     assert plan.exact
     assert plan.predicted_ms_per_token == pytest.approx(expected.best_ms, rel=1e-9, abs=1e-9)
+    assert plan.period_ms == pytest.approx(expected.period_ms, rel=1e-9, abs=1e-9)
     assert recompute_ms(model, fleet, options, plan) == pytest.approx(
         plan.predicted_ms_per_token, rel=1e-9, abs=1e-9
+    )
+    assert recompute_period_ms(model, fleet, plan) == pytest.approx(
+        plan.period_ms, rel=1e-9, abs=1e-9
     )
 
 
@@ -75,8 +88,9 @@ def test_joint_window_enumeration(seed: int, covers: bool) -> None:
 
 
 def test_instances_cover_streaming_infeasible_and_left_out_devices() -> None:
-    """The random instances above exercise the interesting regimes, not just easy ones."""
-    streamed = infeasible = left_out = multi_round = 0
+    """The random instances above exercise the interesting regimes, not just easy ones: among
+    them, plans the tolerance makes slower for one stream but shorter in period."""
+    streamed = infeasible = left_out = multi_round = traded = 0
     for seed in range(100, 130):
         for covers in (False, True):
             model, fleet, options = random_instance(seed, 3, 9, covers)
@@ -85,7 +99,10 @@ def test_instances_cover_streaming_infeasible_and_left_out_devices() -> None:
             except InfeasiblePlanError:
                 infeasible += 1
                 continue
+            fastest = plan_layers(model, fleet, replace(options, latency_tolerance=0.0))
+            traded += (plan.period_ms < fastest.period_ms
+                       and plan.predicted_ms_per_token > fastest.predicted_ms_per_token)
             streamed += plan.disk_ms > 0
             left_out += bool(plan.left_out)
             multi_round += plan.rounds > 1 and len(plan.ring) > 1
-    assert min(streamed, infeasible, left_out, multi_round) > 0
+    assert min(streamed, infeasible, left_out, multi_round, traded) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -74,6 +75,7 @@ options_strategy = st.builds(
     context_tokens=st.integers(0, 8),
     reserve_bytes=st.integers(0, 100),
     window_covers_run=st.booleans(),
+    latency_tolerance=st.sampled_from([0.0, 0.1, 0.5]),
 )
 
 
@@ -121,6 +123,12 @@ def assert_plan_properties(
         plan.predicted_ms_per_token, rel=1e-9, abs=1e-9
     )
     assert from_json(to_json(plan)) == plan
+    # The objective's promises: never more than the tolerance slower for one stream than the
+    # fastest plan, and never a longer period.
+    fastest = plan_layers(model, devices, replace(options, latency_tolerance=0.0))
+    ceiling = fastest.predicted_ms_per_token * (1 + options.latency_tolerance)
+    assert plan.predicted_ms_per_token <= ceiling * (1 + 1e-9) + 1e-9
+    assert plan.period_ms <= fastest.period_ms * (1 + 1e-9) + 1e-9
 
 
 @SETTINGS
@@ -157,8 +165,11 @@ def test_per_peer_plans_are_valid_and_costed_exactly(
 
 
 def cost_or_inf(model: ModelProfile, devices: list[DeviceProfile], options: PlanOptions) -> float:
+    """The fastest plan's time per token (tolerance 0: the fastest plan is what only gets
+    better with more devices or fewer constraints)."""
     try:
-        return plan_layers(model, devices, options).predicted_ms_per_token
+        return plan_layers(model, devices, replace(options, latency_tolerance=0.0)
+                           ).predicted_ms_per_token
     except InfeasiblePlanError:
         return math.inf
 
@@ -187,6 +198,11 @@ def test_more_devices_or_fewer_constraints_never_cost_more(
     )
     tolerance = 1e-9 * (1 if math.isinf(base) else max(1.0, base))
     assert cost_or_inf(model, [*devices, newcomer], options) <= base + tolerance
+    if not math.isinf(base):
+        # A user who adds a device: one stream is never more than the tolerance slower than
+        # the fastest plan without it.
+        grown = plan_layers(model, [*devices, newcomer], options).predicted_ms_per_token
+        assert grown <= base * (1 + options.latency_tolerance) + tolerance
     if options.window_covers_run:
         relaxed = PlanOptions(options.context_tokens, options.reserve_bytes, False)
         assert cost_or_inf(model, devices, relaxed) <= base + tolerance

@@ -63,24 +63,70 @@ def test_published_sizes_from_config_alone() -> None:
     assert small.tied_embeddings and not large.tied_embeddings
 
 
+def stage_ms(plan: Plan) -> list[float]:
+    return [member.compute_ms + member.disk_ms for member in plan.devices]
+
+
 def test_qwen3_4b_split_over_two_devices_that_each_hold_half() -> None:
     model = profile_from_config(QWEN3_4B, name="Qwen3-4B")
     plan = plan_layers(model, [mac("mac-a", 6 * GIB), mac("mac-b", 6 * GIB)])
     assert plan.ring == ("mac-a", "mac-b")
-    assert held(plan) == [18, 18]
-    assert plan.devices[0].layers == tuple(range(18))
     assert plan.rounds == 1 and plan.disk_ms == 0
     assert all(member.window == len(member.layers) for member in plan.devices)
     assert plan.embedding_device == "mac-a" and plan.head_device == "mac-b"
+    # Equal stages, not equal layer counts: the tail also runs the 152k-token head, worth about
+    # two layers, so it holds two layers fewer and the pipeline's period is as short as it gets.
+    assert held(plan) == [20, 16] and plan.devices[0].layers == tuple(range(20))
+    layer_ms = plan.devices[0].compute_ms / 20
+    assert abs(stage_ms(plan)[0] - stage_ms(plan)[1]) <= layer_ms
+    # Minimising one stream's time alone (the objective before periods), counts are even.
+    fastest = plan_layers(model, [mac("mac-a", 6 * GIB), mac("mac-b", 6 * GIB)],
+                          PlanOptions(latency_tolerance=0.0))
+    assert held(fastest) == [18, 18]
 
 
-def test_qwen3_4b_stays_on_one_device_when_it_fits() -> None:
-    """A second device only adds hops when the first holds everything."""
+def test_qwen3_4b_stays_on_one_device_when_hops_cost_more_than_the_tolerance() -> None:
+    """Two 2 ms hops on a 4 ms token: a second device would make one stream twice as slow."""
     model = profile_from_config(QWEN3_4B, name="Qwen3-4B")
     plan = plan_layers(model, [mac("mac-a", 16 * GIB), mac("mac-b", 16 * GIB)])
     assert plan.ring == ("mac-a",) and plan.left_out == ("mac-b",)
     assert plan.hops_per_token == 0 and plan.network_ms == 0
     assert any("left out" in line for line in plan.explanation)
+
+
+def test_a_second_equal_device_on_a_fast_link_is_used() -> None:
+    """Issue 15: two equal nodes, a model either holds, 0.1 ms hops: both hold layers, so prompt
+    chunks and concurrent requests overlap on two stages, for one stream 5% slower at most."""
+    model = profile_from_config(QWEN3_4B, name="Qwen3-4B")
+    devices = [mac("mac-a", 16 * GIB, latency_ms=0.1), mac("mac-b", 16 * GIB, latency_ms=0.1)]
+    plan = plan_layers(model, devices)
+    alone = plan_layers(model, devices, PlanOptions(latency_tolerance=0.0))
+    assert alone.ring == ("mac-a",)  # one stream alone would rather skip the hops
+    assert plan.ring == ("mac-a", "mac-b") and plan.left_out == ()
+    assert plan.period_ms < 0.6 * alone.period_ms
+    assert plan.predicted_ms_per_token <= 1.1 * alone.predicted_ms_per_token
+    assert any("period" in line for line in plan.explanation)
+
+
+def test_a_slower_device_takes_a_share_in_proportion_to_its_speed() -> None:
+    model = uniform_profile(
+        name="m",
+        num_layers=30,
+        bytes_per_layer=100,
+        flops_per_token_per_layer=1e9,
+        kv_bytes_per_token_per_layer=0,
+    )
+    fast = DeviceProfile("fast", 10_000, 2e12, 1e3, 0.01)
+    slow = DeviceProfile("slow", 10_000, 1e12, 1e3, 0.01)
+    # Every layer the slow device takes costs one stream 0.5 ms more than on the fast one: the
+    # tolerance (10% of the fastest plan's 15 ms) buys it 2 layers...
+    plan = plan_layers(model, [fast, slow], PlanOptions(0, 0))
+    assert dict(zip(plan.ring, held(plan), strict=True)) == {"fast": 28, "slow": 2}
+    assert plan.predicted_ms_per_token <= 16.5 and plan.period_ms == pytest.approx(14.0)
+    # ...and a tolerance of 50% the split by speed, where both stages take 10 ms.
+    even = plan_layers(model, [fast, slow], PlanOptions(0, 0, latency_tolerance=0.5))
+    assert dict(zip(even.ring, held(even), strict=True)) == {"fast": 20, "slow": 10}
+    assert stage_ms(even) == [pytest.approx(10.0), pytest.approx(10.0)]
 
 
 def test_qwen3_32b_on_two_9gb_devices_streams_instead_of_failing() -> None:
