@@ -79,17 +79,20 @@ def fetch_gptoss_tokenizer(cache: Path) -> Path:
 def thinking_variant(tokenizer_dir: Path, out: Path) -> Path:
     """Qwen3's files with the template of its thinking-only models (Qwen3-*-Thinking-2507):
     the generation prompt opens the think block, so the answer starts with reasoning."""
-    if (out / "tokenizer.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "generation_config.json"):
-        shutil.copy(tokenizer_dir / name, out / name)
-    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    template = config["chat_template"]
-    assert QWEN3_GENERATION_PROMPT in template
-    config["chat_template"] = template.replace(
-        QWEN3_GENERATION_PROMPT, "{{- '<|im_start|>assistant\\n<think>\\n' }}")
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # xdist workers share the cache
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "tokenizer_config.json").exists():
+            return out
+        out.mkdir(exist_ok=True)
+        for name in ("tokenizer.json", "generation_config.json"):
+            shutil.copy(tokenizer_dir / name, out / name)
+        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        template = config["chat_template"]
+        assert QWEN3_GENERATION_PROMPT in template
+        config["chat_template"] = template.replace(
+            QWEN3_GENERATION_PROMPT, "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+        (out / "tokenizer_config.json").write_text(json.dumps(config))  # written last
     return out
 
 

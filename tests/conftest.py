@@ -3,6 +3,7 @@ mlx-lm references."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -44,8 +45,28 @@ QUANT_SPECS = {arch: ModelSpec(arch=arch, dtype="bfloat16",
                for arch, q in _QUANT.items()}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for xdist (`--dist loadgroup`, two workers): a test module runs on one worker,
+    so its module fixtures (rings, tokenizers) are built once. Slow tests, which start real
+    processes (each a ring or mesh on two cores), and the tests advertising over real mDNS
+    (which must not see another test's nodes) run one after another in one group; the tests
+    of gpt-oss's tokenizer (seconds to load) share one worker."""
+    for item in items:
+        serial = any(item.get_closest_marker(mark) is not None for mark in ("slow", "mdns"))
+        group = ("processes" if serial
+                 else "gpt-oss tokenizer" if "gptoss_tokenizer_dir" in item.fixturenames
+                 else item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated models and fetched tokenizers, made once per run: xdist's workers share one
+    folder beside their own (`cached_model` locks each model while it is made)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "models"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("models")
 
 

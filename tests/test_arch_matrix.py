@@ -77,9 +77,12 @@ def test_every_proven_type_is_in_the_matrix() -> None:
     assert {spec.arch for spec, _ in CASES.values()} == PROVEN_MODEL_TYPES
 
 
-# The fast tier runs every type in its float precision on every split, one quantized model
-# of each scheme (4-bit, 8-bit, mixed) and one streamed case; the rest of the matrix, which
-# mostly spends its time generating and quantizing models, runs in the slow tier.
+# The fast tier runs every type in its float precision on the multi-round split (several
+# stages, non-contiguous layers, the tail mid-ring: every path the other splits take), one
+# quantized model of each scheme (4-bit, 8-bit, mixed) and one streamed case; the rest of the
+# matrix, which repeats those paths or mostly spends its time generating and quantizing
+# models, runs in the slow tier.
+FAST_FLOAT = {f"{arch}-{spec.dtype}-multi-round" for arch, spec in FLOAT_SPECS.items()}
 FAST_QUANTIZED = {"qwen3_moe-q4-2-shards", "qwen2-q8-2-shards", "deepseek_v3-mixed_4_6-2-shards"}
 FAST_STREAMED = {"qwen3_5-hybrid-first-streams"}
 
@@ -93,7 +96,7 @@ def tiered(names: list[str], fast: set[str] | None = None) -> list:
 QUANTIZED = [name for name, (spec, _) in CASES.items() if spec.quant_bits or spec.quant_recipe]
 
 
-@pytest.mark.parametrize("name", tiered([n for n in CASES if n not in QUANTIZED])
+@pytest.mark.parametrize("name", tiered([n for n in CASES if n not in QUANTIZED], FAST_FLOAT)
                          + tiered(QUANTIZED, FAST_QUANTIZED))
 def test_ring_of_stages_matches_mlx_lm(name: str, make_model) -> None:
     spec, layer_lists = CASES[name]

@@ -12,7 +12,7 @@ import pytest
 
 from dnet.entry import EntryService, Inflight, RingEntry, RingError, Timeouts
 from dnet.entry.decisions import RingView
-from dnet.entry.inflight import RingGate
+from dnet.entry.inflight import RingGate, within
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from dnet.ring import frames
@@ -226,3 +226,22 @@ def test_the_gate_wakes_waiters_from_another_thread_and_times_out() -> None:
 
     woken, missed = asyncio.run(run())
     assert woken == RingView("h2", 3, True) and missed is None
+
+
+def test_a_cancelled_wait_stays_cancelled_when_its_token_arrives_at_the_same_moment() -> None:
+    # A client leaves (the handler cancels) just as the next token lands: the request must
+    # end, not generate on to its last token. asyncio.wait_for on Python 3.11 returns the
+    # token here and the cancellation is lost.
+    async def run() -> bool:
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        waiting = asyncio.ensure_future(within(tokens.get(), 10.0))
+        await asyncio.sleep(0)  # it now waits on the queue
+        tokens.put_nowait(7)
+        waiting.cancel()
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(run()), "the cancellation was swallowed"

@@ -13,6 +13,7 @@ ring. In mesh mode (`recover`), a request the ring fails is replayed on the re-p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from functools import partial
 
 from dnet.entry import decisions
 from dnet.entry.decisions import DEFAULT_MAX_REQUESTS, PREFILL_CHUNK, REPLANNING, RingView
-from dnet.entry.inflight import Inflight, RingGate
+from dnet.entry.inflight import Inflight, RingGate, within
 from dnet.prefix.index import block_keys, namespace_for
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import frames
@@ -164,8 +165,11 @@ class RingEntry:
         if refusal is not None:
             raise RingError(refusal.status, refusal.message)
         try:
-            async for token in self._generate(prompt, sampling, request_id):
-                yield token
+            # aclosing: a client that goes away closes this generator, and the request's
+            # Release must go out then, not whenever the inner generators are collected.
+            async with contextlib.aclosing(self._generate(prompt, sampling, request_id)) as tokens:
+                async for token in tokens:
+                    yield token
         finally:
             self._inflight.leave()
 
@@ -177,13 +181,15 @@ class RingEntry:
         while True:
             view = await self._ring(failed)
             try:
-                async for token in self._attempt(view, prompt, generated, sampling,
-                                                 request_id or uuid.uuid4().hex):
-                    token.index = len(generated)
-                    generated.append(token.token)
-                    yield token
-                    if token.finish_reason:
-                        return
+                async with contextlib.aclosing(self._attempt(
+                        view, prompt, generated, sampling,
+                        request_id or uuid.uuid4().hex)) as tokens:
+                    async for token in tokens:
+                        token.index = len(generated)
+                        generated.append(token.token)
+                        yield token
+                        if token.finish_reason:
+                            return
                 return
             except RingError as exc:
                 failures += 1
@@ -229,7 +235,7 @@ class RingEntry:
             timeout = self._timeouts.first_token_s
             while True:
                 try:
-                    token = await asyncio.wait_for(tokens.get(), timeout)
+                    token = await within(tokens.get(), timeout)
                 except TimeoutError:
                     raise RingError(504, f"no token from the ring within {timeout:.0f} s"
                                     ) from None
@@ -266,7 +272,7 @@ class RingEntry:
         deadline = loop.time() + timeout
         while True:
             try:
-                token = await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))
+                token = await within(tokens.get(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise RingError(504, f"no answer to the prefix-cache lookup within "
                                      f"{timeout:.0f} s") from None

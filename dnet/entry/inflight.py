@@ -12,13 +12,27 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dnet.entry import decisions
 from dnet.entry.decisions import Refusal, RingView
 from dnet.proto import dnet_ring_pb2 as pb
 from dnet.ring import frames
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """`await awaitable`, raising TimeoutError after `timeout_s` seconds.
+
+    Not `asyncio.wait_for`: on Python 3.11 it returns the result and swallows a cancellation
+    that arrives as the awaited thing completes (CPython gh-86296, fixed in 3.12), and a
+    request whose client left would then generate to its end. `asyncio.timeout` does not.
+    """
+    async with asyncio.timeout(timeout_s):
+        return await awaitable
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,7 @@ class RingGate:
                     return self._view
                 self._waiters.append((loop, future))
             try:
-                await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+                await within(future, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 with self._lock:
                     return self._view if ready(self._view) else None
