@@ -144,6 +144,7 @@ def test_argument_errors_exit_with_usage_not_traceback(argv: list[str], capsys) 
 
 
 @pytest.mark.mdns
+@pytest.mark.slow  # each browses real mDNS for 3 s
 @pytest.mark.parametrize("command", [["status"], ["load", "some/model"], ["chat"]])
 def test_host_localhost_is_accepted_by_the_client_commands(command: list[str], capsys,
                                                            monkeypatch) -> None:

@@ -101,6 +101,8 @@ def test_random_logits_under_a_json_schema_grammar_give_schema_valid_json(
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
+# Slow tier: seconds of sampling; the JSON-schema grammar above runs the same path fast.
+@pytest.mark.slow
 def test_random_logits_under_a_tool_call_grammar_give_a_call_with_valid_arguments(
         qwen3_vocab_model: Path, qwen3_tokenizer) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}},

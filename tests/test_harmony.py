@@ -267,6 +267,9 @@ def _decode(model_dir: Path, tokenizer, grammar: str, max_tokens: int = 200) -> 
     raise AssertionError(f"the grammar did not complete in {max_tokens} tokens")
 
 
+# Sampling a whole call under gpt-oss's 200k-token vocabulary takes seconds: slow tier (the
+# grammars' channels are checked in the fast tier above).
+@pytest.mark.slow
 def test_random_logits_under_harmony_grammars_give_a_valid_call_and_valid_json(
         gptoss_vocab_model: Path, gptoss_tokenizer) -> None:
     grammar = constraints.tool_call_grammar(gptoss_tokenizer, [], "normal", TOOLS, True)

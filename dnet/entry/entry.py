@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -174,7 +174,7 @@ class RingEntry:
             self._inflight.leave()
 
     async def _generate(self, prompt: list[int], sampling: pb.SamplingParams,
-                        request_id: str | None) -> AsyncIterator[pb.Token]:
+                        request_id: str | None) -> AsyncGenerator[pb.Token, None]:
         generated: list[int] = []
         failures = 0
         failed: tuple[int, RingError] | None = None  # the epoch that failed, and how
@@ -218,7 +218,7 @@ class RingEntry:
 
     async def _attempt(self, view: RingView, prompt: list[int], generated: list[int],
                        sampling: pb.SamplingParams,
-                       request_id: str) -> AsyncIterator[pb.Token]:
+                       request_id: str) -> AsyncGenerator[pb.Token, None]:
         tokens = self._inflight.open(request_id, view.head)
         try:
             chunk = self._prefill_chunk

@@ -18,7 +18,9 @@ from discovery.mdns import Advertiser, Browser, browse_once, open_zeroconf
 from discovery.peers import PeerInfo
 from tests.discovery.strategies import peer_info
 
-pytestmark = pytest.mark.mdns
+# Real multicast sockets and zeroconf's own timings (seconds of probing and announcing):
+# integration, in the slow tier; the peer rules are pure and tested fast (test_peers.py).
+pytestmark = [pytest.mark.mdns, pytest.mark.slow]
 
 LOOPBACK = "127.0.0.1"
 WAIT_S = 20.0  # generous: a bound on waiting, not a claim about speed

@@ -90,7 +90,8 @@ SAMPLINGS = {"greedy": {}, "seeded": {"temperature": 0.8, "top_p": 0.9, "seed": 
 
 
 @pytest.mark.parametrize("how", list(SAMPLINGS))
-@pytest.mark.parametrize("layers", [TWO, MULTI_ROUND], ids=["2-shards", "multi-round"])
+@pytest.mark.parametrize("layers", [pytest.param(TWO, marks=pytest.mark.slow), MULTI_ROUND],
+                         ids=["2-shards", "multi-round"])  # the multi-round ring is the harder
 def test_a_growing_conversation_gives_the_same_tokens_with_and_without_the_cache(
         inprocess_ring, qwen3_model: Path, layers: list[list[int]], how: str) -> None:
     cached = start(inprocess_ring, layers)
