@@ -21,16 +21,12 @@ while the rest of the process, pytest included, is untouched.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +34,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-NETNS_DIR = Path("/var/run/netns")  # where `ip netns add` bind-mounts a namespace's handle
-CLONE_NEWNET = 0x40000000
+# The namespace primitives have one home, the cluster benchmark's LAN (tools/cluster_lan.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from cluster_lan import LanError as NetnsError  # noqa: E402
+from cluster_lan import enter_netns, ip, namespaces, netns_pids  # noqa: E402
+from cluster_lan import free_subnet as free_subnet_in  # noqa: E402
+from cluster_lan import kill_all_in as _kill_all_in  # noqa: E402
+
 BRIDGE = "br0"
 VETH = "dnet0"
 UPLINK = "dnet1"
@@ -53,19 +54,6 @@ CLIENT_INDEX = 100  # the client namespace's host number in the /24
 T = TypeVar("T")
 
 
-class NetnsError(RuntimeError):
-    pass
-
-
-def ip(*args: str, ns: str | None = None) -> str:
-    """Run `ip [-n NS] ARGS...`; raise with ip's own message on failure."""
-    command = ["ip", *(["-n", ns] if ns else []), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise NetnsError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
-    return result.stdout
-
-
 def unavailable_reason() -> str | None:
     """Why namespaces cannot be used here, or None."""
     if sys.platform != "linux":
@@ -75,46 +63,6 @@ def unavailable_reason() -> str | None:
     if shutil.which("ip") is None:
         return "iproute2's `ip` command is not installed"
     return None
-
-
-def namespaces() -> set[str]:
-    """Names in `ip netns list` (lines look like "name (id: 3)" or just "name")."""
-    return {line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()}
-
-
-def free_subnet() -> ipaddress.IPv4Network:
-    """A random /24 of SUBNET_POOL that overlaps no address or route of the root namespace.
-
-    The test LAN never meets the root namespace, so a clash could not break anything; avoiding
-    one keeps addresses in logs unambiguous."""
-    used = []
-    for line in ip("-4", "-o", "addr", "show").splitlines():
-        words = line.split()
-        used.append(ipaddress.ip_network(words[words.index("inet") + 1], strict=False))
-    for line in ip("-4", "route", "show", "table", "all").splitlines():
-        # "10.0.0.0/8 dev ...", "local 127.0.0.1 dev lo ...": the first word or the second.
-        for word in line.split()[:2]:
-            with contextlib.suppress(ValueError):
-                used.append(ipaddress.ip_network(word, strict=False))
-                break
-    candidates = list(SUBNET_POOL.subnets(new_prefix=24))[1:-1]
-    for _ in range(100):
-        subnet = candidates[secrets.randbelow(len(candidates))]
-        if not any(subnet.overlaps(net) for net in used):
-            return subnet
-    raise NetnsError(f"no free /24 in {SUBNET_POOL}")
-
-
-def _enter_netns(namespace: str) -> None:
-    """Move the calling thread (only) into a named network namespace."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(NETNS_DIR / namespace, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"setns({namespace}): {os.strerror(errno)}")
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -141,7 +89,7 @@ class Host:
 
         def run() -> None:
             try:
-                _enter_netns(self.namespace)
+                enter_netns(self.namespace)
                 outcome["value"] = fn(*args)
             except BaseException as exc:  # handed to the caller below
                 outcome["error"] = exc
@@ -234,22 +182,6 @@ class NetnsLan:
         return {name for name in namespaces() if name.startswith(f"{self.tag}-")}
 
 
-def netns_pids(namespace: str) -> set[int]:
-    """Every process whose network namespace this is."""
-    return {int(pid) for pid in ip("netns", "pids", namespace).split()}
-
-
-def _kill_all_in(namespace: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while pids := netns_pids(namespace):
-        if time.monotonic() > deadline:
-            raise NetnsError(f"processes {sorted(pids)} in {namespace} survive SIGKILL")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-
-
 @contextlib.contextmanager
 def netns_lan(num_hosts: int) -> Iterator[NetnsLan]:
     """A fresh test LAN; always removed afterwards, and checked to be gone.
@@ -259,7 +191,7 @@ def netns_lan(num_hosts: int) -> Iterator[NetnsLan]:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    lan = NetnsLan(tag=f"dnet-t{secrets.token_hex(3)}", subnet=free_subnet())
+    lan = NetnsLan(tag=f"dnet-t{secrets.token_hex(3)}", subnet=free_subnet_in(SUBNET_POOL))
     try:
         try:
             lan.build(num_hosts)

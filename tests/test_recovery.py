@@ -21,13 +21,18 @@ TOKENS = 300
 
 
 def test_the_answer_completes_on_the_replanned_ring(mesh: LocalMesh, qwen3_model: Path) -> None:
-    # 4 MB budgets: the model needs three nodes, so the fourth is a spare.
+    # 4 MB budgets: the model needs three nodes, so three survive a kill. The planner may use
+    # the fourth as well (a shorter pipeline period); the request enters at a node outside the
+    # ring if there is one, and the victim is a ring node that neither coordinates nor enters.
     for i in range(4):
         mesh.add(f"node{i}", budget="4MB", propose=i == 0)
-    view = wait_for(mesh, ring_covers(NUM_LAYERS, size=3), 90, "a ring of three")
+    view = wait_for(mesh, ring_covers(NUM_LAYERS), 90, "a ring")
+    assert len(view["ring"]) >= 3, view["ring"]
     by_id = {node.node_id(): node for node in mesh.nodes}
-    entry = next(by_id[i] for i in by_id if i not in view["ring"])
-    victim = next(by_id[i] for i in view["ring"] if i != view["coordinator"])
+    entry_id = next((i for i in by_id if i not in view["ring"]),
+                    next(i for i in view["ring"] if i != view["coordinator"]))
+    entry = by_id[entry_id]
+    victim = next(by_id[i] for i in view["ring"] if i not in (view["coordinator"], entry_id))
 
     prompt = list(range(5, 45))
     reference = reference_tokens(qwen3_model, prompt, TOKENS, ignore_eos=True)

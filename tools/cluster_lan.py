@@ -59,6 +59,7 @@ class LanError(RuntimeError):
 
 
 def ip(*args: str, ns: str | None = None) -> str:
+    """Run `ip [-n NS] ARGS...`; raise with ip's own message on failure."""
     command = ["ip", *(["-n", ns] if ns else []), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
@@ -73,10 +74,12 @@ def tc(ns: str, args: list[str]) -> None:
 
 
 def namespaces() -> set[str]:
+    """Names in `ip netns list` (lines look like "name (id: 3)" or just "name")."""
     return {line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()}
 
 
 def netns_pids(namespace: str) -> set[int]:
+    """Every process whose network namespace this is."""
     return {int(pid) for pid in ip("netns", "pids", namespace).split()}
 
 
@@ -101,8 +104,10 @@ def is_running_benchmark(pid: int) -> bool:
         return False
 
 
-def free_subnet() -> ipaddress.IPv4Network:
-    """A random /24 of SUBNET_POOL overlapping no address or route of the root namespace."""
+def free_subnet(pool: ipaddress.IPv4Network = SUBNET_POOL) -> ipaddress.IPv4Network:
+    """A random /24 of `pool` overlapping no address or route of the root namespace (the LAN
+    never meets the root namespace, so a clash could not break anything; avoiding one keeps
+    addresses in logs unambiguous)."""
     used = []
     for line in ip("-4", "-o", "addr", "show").splitlines():
         words = line.split()
@@ -112,12 +117,12 @@ def free_subnet() -> ipaddress.IPv4Network:
             with contextlib.suppress(ValueError):
                 used.append(ipaddress.ip_network(word, strict=False))
                 break
-    candidates = list(SUBNET_POOL.subnets(new_prefix=24))[1:-1]
+    candidates = list(pool.subnets(new_prefix=24))[1:-1]
     for _ in range(100):
         subnet = candidates[secrets.randbelow(len(candidates))]
         if not any(subnet.overlaps(net) for net in used):
             return subnet
-    raise LanError(f"no free /24 in {SUBNET_POOL}")
+    raise LanError(f"no free /24 in {pool}")
 
 
 def enter_netns(namespace: str) -> None:
@@ -299,6 +304,7 @@ def remove_namespace(namespace: str) -> list[str]:
 
 
 def kill_all_in(namespace: str, timeout_s: float = 10) -> None:
+    """SIGKILL every process in `namespace` (but this one) until none is left."""
     deadline = time.monotonic() + timeout_s
     while pids := netns_pids(namespace) - {os.getpid()}:
         if time.monotonic() > deadline:
