@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import httpx
 from rich.console import Console
 
-from dnet.status import MeshNotFound, find_api
+from dnet.status import MeshNotFound, api_headers, find_api
 
 HELP = "Type a message; /reset forgets the conversation, /quit (or Ctrl-D) leaves."
 
@@ -22,8 +21,7 @@ def run_chat(api: str | None, host: str | None, max_tokens: int, temperature: fl
     except MeshNotFound as exc:
         print(f"dnet chat: {exc}", file=sys.stderr)
         return 1
-    key = os.environ.get("DNET_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = api_headers()
     console.print(f"[dim]dnet chat with {url}. {HELP}[/]")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:

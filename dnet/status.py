@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -44,8 +45,14 @@ def find_api(api: str | None, host: str | None) -> str:
     return sorted(found, key=lambda info: info.started_at)[0].http_url
 
 
+def api_headers() -> dict[str, str]:
+    """The API key of a node started with --api-key, from DNET_API_KEY, as a header."""
+    key = os.environ.get("DNET_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def fetch_topology(url: str) -> dict[str, Any]:
-    response = httpx.get(f"{url}/v1/topology", timeout=10)
+    response = httpx.get(f"{url}/v1/topology", timeout=10, headers=api_headers())
     response.raise_for_status()
     return response.json()
 
@@ -136,7 +143,8 @@ def run_status(api: str | None, host: str | None, as_json: bool, watch: bool) ->
 def run_load(model: str, api: str | None, host: str | None) -> int:
     try:
         url = find_api(api, host)
-        response = httpx.post(f"{url}/v1/models/load", json={"model": model}, timeout=None)
+        response = httpx.post(f"{url}/v1/models/load", json={"model": model}, timeout=None,
+                              headers=api_headers())
     except (MeshNotFound, httpx.HTTPError) as exc:
         print(f"dnet load: {exc}", file=sys.stderr)
         return 1

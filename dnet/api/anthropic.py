@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from dnet.api.chat import (
     Conversation,
@@ -42,10 +42,12 @@ from dnet.api.generation import (
 )
 from dnet.api.openai_chat import part_text
 from dnet.api.output import Channel, Delta, ToolCall
+from dnet.api.schema import Body
 from dnet.api.streaming import (
     FAILURES,
     event_stream,
     first_item,
+    off_the_loop,
     sse,
     stream_error,
     unless_disconnected,
@@ -58,8 +60,7 @@ STOP_REASONS = {FinishReason.STOP: "end_turn", FinishReason.LENGTH: "max_tokens"
 MAX_STOP_SEQUENCES = 16
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+_Body = Body
 
 
 class AnthropicMessage(_Body):
@@ -105,6 +106,8 @@ class CountTokensRequest(_Body):
 
 
 class MessagesRequest(CountTokensRequest):
+    unsupported: ClassVar[dict[str, str]] = {
+        "mcp_servers": "the MCP connector is not available here; run the tools yourself"}
     max_tokens: Annotated[int, Field(ge=1)]
     stop_sequences: Annotated[list[Annotated[str, Field(min_length=1)]],
                               Field(max_length=MAX_STOP_SEQUENCES)] | None = None
@@ -343,7 +346,7 @@ def _job(backend: Backend, body: MessagesRequest, escape: bool) -> Job:
 
 async def serve(request: Request, backend: Backend, body: MessagesRequest, *,
                 escape: bool) -> Response | dict[str, Any]:
-    job = _job(backend, body, escape)
+    job = await off_the_loop(_job, backend, body, escape)
     if body.stream:
         _, source = await first_item(steps(backend, job))
         return event_stream(MessageEvents(backend.model_name, job).events(source))

@@ -24,7 +24,7 @@ from dnet.api.errors import ApiError, surface_of
 from dnet.api.generation import Backend
 from dnet.api.middleware import ApiKeyGuard, BodyLimit
 from dnet.api.schema import ChatRequest, CompletionRequest
-from dnet.api.streaming import ClientGone
+from dnet.api.streaming import ClientGone, off_the_loop
 from dnet.web import mount_dashboard
 
 
@@ -130,7 +130,7 @@ def create_app(backend: Backend, *, extra_health: Callable[[], dict] | None = No
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: anthropic.CountTokensRequest) -> dict[str, int]:
         await backend.ensure_available()
-        return anthropic.count_tokens(backend, body, escape=escape)
+        return await off_the_loop(anthropic.count_tokens, backend, body, escape=escape)
 
     @app.post("/v1/responses")
     async def create_response(body: responses.ResponsesRequest, request: Request):

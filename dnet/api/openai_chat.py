@@ -45,6 +45,7 @@ from dnet.api.streaming import (
     event_stream,
     first_item,
     merge,
+    off_the_loop,
     sse,
     stream_error,
     unless_disconnected,
@@ -256,7 +257,7 @@ def tagged_steps(backend: Backend, jobs: list[Job]) -> AsyncIterator[tuple[int, 
 async def serve(request: Request, backend: Backend, body: ChatRequest, *,
                 escape: bool) -> Response | dict[str, Any]:
     check_model(backend, body.model)
-    jobs = chat_jobs(backend, body, escape=escape)
+    jobs = await off_the_loop(chat_jobs, backend, body, escape=escape)
     if body.stream:
         _, source = await first_item(tagged_steps(backend, jobs))
         return event_stream(ChatChunks(backend, body, jobs).events(source))

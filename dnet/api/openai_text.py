@@ -41,6 +41,7 @@ from dnet.api.streaming import (
     event_stream,
     first_item,
     merge,
+    off_the_loop,
     sse,
     stream_error,
     unless_disconnected,
@@ -187,7 +188,7 @@ class TextChunks:
 async def serve(request: Request, backend: Backend,
                 body: CompletionRequest) -> Response | dict[str, Any]:
     check_model(backend, body.model)
-    prompt = text_prompt(backend, body)
+    prompt = await off_the_loop(text_prompt, backend, body)
     if not needs_ring(body):
         whole = echo_only(backend, body, prompt)
         if not body.stream:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
 from dnet.api.chat import (
     Conversation,
@@ -42,10 +42,12 @@ from dnet.api.generation import (
 )
 from dnet.api.openai_chat import arguments_object, part_text
 from dnet.api.output import Channel, Delta, ToolCall
+from dnet.api.schema import Body
 from dnet.api.streaming import (
     FAILURES,
     event_stream,
     first_item,
+    off_the_loop,
     sse,
     stream_error,
     unless_disconnected,
@@ -54,8 +56,7 @@ from dnet.api.streaming import (
 log = logging.getLogger(__name__)
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+_Body = Body
 
 
 class TextFormat(_Body):
@@ -80,6 +81,13 @@ class FunctionChoice(_Body):
 
 
 class ResponsesRequest(_Body):
+    unsupported: ClassVar[dict[str, str]] = {
+        "conversation": "nothing is stored here; send the whole conversation as input",
+        "prompt": "stored prompts are not kept here; send the instructions and input",
+        "background": "responses run in the foreground only",
+        "top_logprobs": "log-probabilities are not reported on this API (use /v1/chat/"
+                        "completions)"}
+
     model: str | None = None
     input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
     instructions: str | None = None
@@ -95,6 +103,15 @@ class ResponsesRequest(_Body):
     previous_response_id: str | None = None
     store: bool | None = None  # accepted; nothing is stored either way
     metadata: dict[str, str] | None = None  # echoed back
+    include: list[str] | None = None
+
+    @field_validator("include")
+    @classmethod
+    def _known_includes(cls, value: list[str] | None) -> list[str] | None:
+        if value and "message.output_text.logprobs" in value:
+            raise ValueError("log-probabilities are not reported on this API (use "
+                             "/v1/chat/completions)")
+        return value
 
     def options(self) -> Options:
         return Options(max_tokens=self.max_output_tokens, temperature=self.temperature or 0.0,
@@ -361,7 +378,8 @@ class ResponseEvents:
 async def serve(request: Request, backend: Backend, body: ResponsesRequest, *,
                 escape: bool) -> Response | dict[str, Any]:
     check_model(backend, body.model)
-    prepared = prepare_chat(backend.tokenizer, conversation_of(body), escape=escape)
+    prepared = await off_the_loop(prepare_chat, backend.tokenizer, conversation_of(body),
+                                  escape=escape)
     job = make_job(backend, body.options(), prepared.prompt, output=prepared.output,
                    grammar=prepared.grammar, param="input")
     if body.stream:

@@ -1,15 +1,16 @@
 """OpenAI-style request bodies (chat and text completions), validated.
 
 Unknown fields are ignored: OpenAI clients send newer parameters than we know of. Fields we
-accept are honoured or refused with a 400; none is silently dropped. Defaults follow mlx-lm's
-server (temperature 0, so answers are reproducible).
+accept are honoured or refused with a 400; none is silently dropped, and the API parameters we
+know but do not support (`unsupported` of each body) get a 400 that names them. Defaults
+follow mlx-lm's server (temperature 0, so answers are reproducible).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dnet.api.errors import ApiError
 from dnet.api.generation import Options
@@ -22,8 +23,25 @@ INT32_MAX = 2**31 - 1  # the ring's wire format carries these counts as int32
 MAX_TOP_LOGPROBS = 20
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
+    """A request body: unknown fields ignored, known unsupported ones refused."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Parameters of the API this body belongs to that we do not support: name -> why. Any
+    # value but null, false or an empty list is a 400 naming the parameter.
+    unsupported: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, why in cls.unsupported.items():
+                if data.get(name) not in (None, False, [], "", {}):
+                    raise ValueError(f"`{name}` is not supported: {why}")
+        return data
+
+
+_Body = Body
 
 
 class FunctionCall(_Body):
@@ -139,6 +157,12 @@ class SamplingFields(_Body):
 
 
 class ChatRequest(SamplingFields):
+    unsupported: ClassVar[dict[str, str]] = {
+        "audio": "answers are text only", "functions": "send `tools` instead",
+        "function_call": "send `tool_choice` instead",
+        "prediction": "predicted outputs are not implemented",
+        "web_search_options": "there is no web search"}
+
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
@@ -149,6 +173,20 @@ class ChatRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    modalities: list[str] | None = None  # ["text"] only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        return self
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and set(value) - {"text"}:
+            raise ValueError("answers are text only: `modalities` may only be [\"text\"]")
+        return value
 
     def options(self) -> Options:
         return self.sampling_options(self.max_completion_tokens or self.max_tokens,
@@ -157,12 +195,23 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    unsupported: ClassVar[dict[str, str]] = {
+        "suffix": "insertion (fill in the middle) is not implemented"}
+
     prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[
         list[str], Field(min_length=1, max_length=1)]
     # 0 is allowed with echo: score the prompt without generating (lm-evaluation-harness).
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool = False
+    best_of: Annotated[int, Field(ge=1)] | None = None  # only 1 (or n): no server-side ranking
+
+    @model_validator(mode="after")
+    def _no_ranking(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of not in (1, self.n):
+            raise ValueError("`best_of` other than 1 (or n) is not supported: ask for n "
+                             "choices and rank them yourself")
+        return self
 
     def options(self) -> Options:
         return self.sampling_options(self.max_tokens, logprobs=self.logprobs is not None,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -88,6 +90,18 @@ async def first_item(source: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
             await close(source)
 
     return first, again()
+
+
+# Rendering and tokenizing a prompt is CPU work (seconds for a prompt of megabytes): it runs
+# here, not on the event loop, so other clients' streams and /health go on meanwhile. One
+# thread: a tokenizer is not meant to encode from several threads at once.
+_RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+
+
+async def off_the_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on the prompt-rendering thread; its result or its exception."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _RENDERER, partial(fn, *args, **kwargs))
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
