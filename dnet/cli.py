@@ -291,6 +291,11 @@ def run_join_command(args: argparse.Namespace) -> int:
         print(f"dnet join: {exc}", file=sys.stderr)
         return 1
     node.serve(stop)
+    # Everything is closed in order (requests ended, mDNS goodbye said, servers stopped).
+    # Exit without the interpreter's finalization: it can abort the process ("terminate
+    # called without an active exception", status 134) while native threads of MLX or gRPC
+    # are still winding down.
+    _exit_now(0)
     return 0
 
 
