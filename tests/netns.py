@@ -36,15 +36,12 @@ import pytest
 
 # The namespace primitives have one home, the cluster benchmark's LAN (tools/cluster_lan.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from cluster_lan import BRIDGE, enter_netns, ip, namespaces, netns_pids, wire_host  # noqa: E402
 from cluster_lan import LanError as NetnsError  # noqa: E402
-from cluster_lan import enter_netns, ip, namespaces, netns_pids  # noqa: E402
 from cluster_lan import free_subnet as free_subnet_in  # noqa: E402
 from cluster_lan import kill_all_in as _kill_all_in  # noqa: E402
 
-BRIDGE = "br0"
-VETH = "dnet0"
 UPLINK = "dnet1"
-MULTICAST = "224.0.0.0/4"
 # Each host's own uplink network (see NetnsLan.add_uplinks), one /24 per host.
 UPLINK_POOL = ipaddress.ip_network("172.31.0.0/16")
 # A /24 out of 10.213.0.0/16, picked at random among those the machine does not use.
@@ -138,15 +135,7 @@ class NetnsLan:
         namespace = f"{self.tag}-{suffix}"
         address = str(self.subnet.network_address + index)
         self._add_namespace(namespace)
-        port = f"p{suffix}"
-        ip("link", "add", port, "type", "veth", "peer", "name", VETH, "netns", namespace,
-           ns=self.switch)
-        ip("link", "set", port, "master", BRIDGE, "up", ns=self.switch)
-        ip("link", "set", "lo", "up", ns=namespace)
-        ip("addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", VETH, ns=namespace)
-        ip("link", "set", VETH, "up", ns=namespace)
-        # No default route in here: give multicast (mDNS to 224.0.0.251) an explicit way out.
-        ip("route", "add", MULTICAST, "dev", VETH, ns=namespace)
+        wire_host(self.switch, namespace, f"p{suffix}", address, self.subnet.prefixlen)
         return Host(namespace, address)
 
     def add_uplinks(self) -> list[str]:

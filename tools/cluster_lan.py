@@ -210,13 +210,7 @@ class ClusterLan:
         address = str(subnet.network_address + index)
         self._add_namespace(namespace)
         port = f"p{suffix}"
-        ip("link", "add", port, "type", "veth", "peer", "name", VETH, "netns", namespace,
-           ns=self.switch)
-        ip("link", "set", port, "master", BRIDGE, "up", ns=self.switch)
-        ip("link", "set", "lo", "up", ns=namespace)
-        ip("addr", "add", f"{address}/{subnet.prefixlen}", "dev", VETH, ns=namespace)
-        ip("link", "set", VETH, "up", ns=namespace)
-        ip("route", "add", MULTICAST, "dev", VETH, ns=namespace)
+        wire_host(self.switch, namespace, port, address, subnet.prefixlen)
         for args in shape.tc_commands(port, netem=self.netem, with_delay=False):
             tc(self.switch, args)
         for args in shape.tc_commands(VETH, netem=self.netem, with_delay=suffix != "c"):
@@ -289,6 +283,18 @@ class ClusterLan:
             problems += remove_namespace(namespace)
         self.created = [n for n in self.created if n in namespaces()]
         return problems
+
+
+def wire_host(switch: str, namespace: str, port: str, address: str, prefixlen: int) -> None:
+    """Plug `namespace` into the bridge of `switch` by a veth (`port` on the bridge's side,
+    VETH inside), with `address`/`prefixlen` and, as there is no default route, a route for
+    multicast (mDNS to 224.0.0.251)."""
+    ip("link", "add", port, "type", "veth", "peer", "name", VETH, "netns", namespace, ns=switch)
+    ip("link", "set", port, "master", BRIDGE, "up", ns=switch)
+    ip("link", "set", "lo", "up", ns=namespace)
+    ip("addr", "add", f"{address}/{prefixlen}", "dev", VETH, ns=namespace)
+    ip("link", "set", VETH, "up", ns=namespace)
+    ip("route", "add", MULTICAST, "dev", VETH, ns=namespace)
 
 
 def remove_namespace(namespace: str) -> list[str]:
