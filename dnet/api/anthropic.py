@@ -60,42 +60,41 @@ STOP_REASONS = {FinishReason.STOP: "end_turn", FinishReason.LENGTH: "max_tokens"
 MAX_STOP_SEQUENCES = 16
 
 
-_Body = Body
 
 
-class AnthropicMessage(_Body):
+class AnthropicMessage(Body):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
 
 
-class AnthropicTool(_Body):
+class AnthropicTool(Body):
     type: str | None = None  # None or "custom": a client tool; others are Anthropic's own
     name: Annotated[str, Field(min_length=1, max_length=128)]
     description: str | None = None
     input_schema: dict[str, Any] | None = None
 
 
-class AnthropicToolChoice(_Body):
+class AnthropicToolChoice(Body):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool = False
 
 
-class ThinkingConfig(_Body):
+class ThinkingConfig(Body):
     type: Literal["enabled", "disabled", "adaptive"]  # adaptive: the model's template decides
     budget_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
-class JsonOutputFormat(_Body):
+class JsonOutputFormat(Body):
     type: Literal["json_schema"]
     schema_: Annotated[dict[str, Any], Field(alias="schema")]
 
 
-class OutputConfig(_Body):
+class OutputConfig(Body):
     format: JsonOutputFormat | None = None  # structured output: the answer is this JSON
 
 
-class CountTokensRequest(_Body):
+class CountTokensRequest(Body):
     model: str
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
     system: str | list[dict[str, Any]] | None = None

@@ -56,31 +56,30 @@ from dnet.api.streaming import (
 log = logging.getLogger(__name__)
 
 
-_Body = Body
 
 
-class TextFormat(_Body):
+class TextFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
     strict: bool | None = None
 
 
-class TextConfig(_Body):
+class TextConfig(Body):
     format: TextFormat | None = None
 
 
-class ReasoningConfig(_Body):
+class ReasoningConfig(Body):
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: str | None = None
 
 
-class FunctionChoice(_Body):
+class FunctionChoice(Body):
     type: Literal["function"]
     name: str
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(Body):
     unsupported: ClassVar[dict[str, str]] = {
         "conversation": "nothing is stored here; send the whole conversation as input",
         "prompt": "stored prompts are not kept here; send the instructions and input",

@@ -41,21 +41,20 @@ class Body(BaseModel):
         return data
 
 
-_Body = Body
 
 
-class FunctionCall(_Body):
+class FunctionCall(Body):
     name: str
     arguments: str | dict[str, Any] = "{}"  # a JSON string, as OpenAI sends it
 
 
-class ToolCallIn(_Body):
+class ToolCallIn(Body):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Parts are checked when the conversation is built, so an image part gets a message that
     # says images are not supported rather than a validation error.
@@ -66,47 +65,47 @@ class Message(_Body):
     reasoning_content: str | None = None
 
 
-class FunctionDef(_Body):
+class FunctionDef(Body):
     name: Annotated[str, Field(min_length=1, max_length=128)]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(_Body):
+class ToolDef(Body):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Body):
+class NamedFunction(Body):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(Body):
     name: str | None = None
     description: str | None = None
     schema_: Annotated[dict[str, Any], Field(alias="schema")]
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
 
-class SamplingFields(_Body):
+class SamplingFields(Body):
     """Parameters shared by chat and text completions."""
 
     model: str | None = None
