@@ -45,16 +45,16 @@ QUANT_SPECS = {arch: ModelSpec(arch=arch, dtype="bfloat16",
                for arch, q in _QUANT.items()}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for xdist (`--dist loadgroup`, two workers): a test module runs on one worker,
-    so its module fixtures (rings, tokenizers) are built once. Slow tests, which start real
-    processes (each a ring or mesh on two cores), and the tests advertising over real mDNS
-    (which must not see another test's nodes) run one after another in one group; the tests
-    of gpt-oss's tokenizer (seconds to load) share one worker."""
+    """Groups for xdist (`--dist loadgroup`, two workers): the fast tests of a module run on
+    one worker, so its module fixtures (rings, tokenizers) are built once, and the tests of
+    gpt-oss's tokenizer (seconds to load) share one worker. Slow tests, each a ring or mesh of
+    its own processes, go to whichever worker is free."""
     for item in items:
-        serial = any(item.get_closest_marker(mark) is not None for mark in ("slow", "mdns"))
-        group = ("processes" if serial
-                 else "gpt-oss tokenizer" if "gptoss_tokenizer_dir" in item.fixturenames
+        if item.get_closest_marker("slow") is not None:
+            continue
+        group = ("gpt-oss tokenizer" if "gptoss_tokenizer_dir" in item.fixturenames
                  else item.nodeid.split("::")[0])
         item.add_marker(pytest.mark.xdist_group(group))
 
