@@ -10,8 +10,10 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator, Callable
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,3 +185,40 @@ def gptoss_tokenizer(gptoss_vocab_model: Path):
     from dnet.tokenizer import load_chat_tokenizer
 
     return load_chat_tokenizer(gptoss_vocab_model)
+
+
+# ----- clients of an app in this process (the official libraries, over Starlette's
+# TestClient): modules use them with `pytestmark = pytest.mark.usefixtures("no_warnings")`.
+
+@pytest.fixture
+def no_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the clients must parse our answers without a warning
+        yield
+
+
+def http(backend: FakeBackend, **options: Any):
+    """A TestClient of the HTTP API in front of `backend` (`options`: HttpOptions fields)."""
+    from fastapi.testclient import TestClient
+
+    from dnet.api.app import HttpOptions, create_app
+
+    return TestClient(create_app(backend, options=HttpOptions(**options)))
+
+
+def openai_client(backend: FakeBackend):
+    import openai
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="x",
+                         http_client=http(backend), max_retries=0)
+
+
+def anthropic_client(backend: FakeBackend):
+    import anthropic
+
+    return anthropic.Anthropic(base_url="http://testserver", api_key="x",
+                               http_client=http(backend), max_retries=0)
+
+
+def last_prompt(backend: FakeBackend) -> str:
+    return backend.decode(backend.calls[-1][0])

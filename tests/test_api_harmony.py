@@ -8,19 +8,15 @@ analysis channel comes back as reasoning, the final channel as content, a messag
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
-import anthropic
-import openai
 import pytest
-from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from dnet.api.app import HttpOptions, create_app
-from tests.api_support import FakeBackend
+from tests.api_support import FakeBackend, anthropic_client, http, last_prompt, openai_client
 from tests.harmony_support import CALL, ENDOFTEXT, GPTOSS_VOCAB, RETURN
+
+pytestmark = pytest.mark.usefixtures("no_warnings")
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
@@ -40,11 +36,6 @@ RENDERED_RESULT = ("<|start|>functions.get_weather to=assistant<|channel|>commen
                    '"sunny, 24 C"<|end|><|start|>assistant')
 
 
-@pytest.fixture(autouse=True)
-def no_warnings() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the clients must parse our answers without a warning
-        yield
 
 
 class Harmony(FakeBackend):
@@ -61,22 +52,12 @@ def backend(gptoss_tokenizer) -> Harmony:
     return Harmony(gptoss_tokenizer, vocab_size=GPTOSS_VOCAB)
 
 
-def http(backend: FakeBackend) -> TestClient:
-    return TestClient(create_app(backend, options=HttpOptions()))
 
 
-def openai_client(backend: FakeBackend) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="x",
-                         http_client=http(backend), max_retries=0)
 
 
-def anthropic_client(backend: FakeBackend) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url="http://testserver", api_key="x",
-                               http_client=http(backend), max_retries=0)
 
 
-def last_prompt(backend: FakeBackend) -> str:
-    return backend.decode(backend.calls[-1][0])
 
 
 # ----- OpenAI chat completions --------------------------------------------------------------

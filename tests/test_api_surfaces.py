@@ -5,16 +5,19 @@ streams), and the details clients rely on (errors, CORS, HEAD, models/{id}, echo
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Iterator
 
-import anthropic
-import openai
 import pytest
-from fastapi.testclient import TestClient
 
-from dnet.api.app import HttpOptions, create_app
-from tests.api_support import ENDOFTEXT, FakeBackend
+from tests.api_support import (
+    ENDOFTEXT,
+    FakeBackend,
+    anthropic_client,
+    http,
+    last_prompt,
+    openai_client,
+)
+
+pytestmark = pytest.mark.usefixtures("no_warnings")
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
@@ -24,11 +27,6 @@ THOUGHT = "<think>\nThe user wants weather.\n</think>\n\nIt is sunny."
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-@pytest.fixture(autouse=True)
-def no_warnings() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the clients must parse our answers without a warning
-        yield
 
 
 @pytest.fixture
@@ -36,22 +34,12 @@ def backend(qwen3_tokenizer) -> FakeBackend:
     return FakeBackend(qwen3_tokenizer)
 
 
-def http(backend: FakeBackend, **options) -> TestClient:
-    return TestClient(create_app(backend, options=HttpOptions(**options)))
 
 
-def openai_client(backend: FakeBackend) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="x",
-                         http_client=http(backend), max_retries=0)
 
 
-def anthropic_client(backend: FakeBackend) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url="http://testserver", api_key="x",
-                               http_client=http(backend), max_retries=0)
 
 
-def last_prompt(backend: FakeBackend) -> str:
-    return backend.decode(backend.calls[-1][0])
 
 
 # ----- OpenAI chat completions --------------------------------------------------------------

@@ -20,6 +20,7 @@ import grpc
 
 from dnet.proto import dnet_ring_pb2_grpc as pb_grpc
 from dnet.ring.links import OnReply, StreamMethod
+from dnet.ring.tcp import ServicerContext
 
 _END = object()
 _CLOSE = object()
@@ -40,17 +41,8 @@ class MemoryRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
         return self._details
 
 
-class _Context:
-    """The little of grpc.ServicerContext that dnet's servicers use."""
-
-    def __init__(self, peer: str) -> None:
-        self._peer = peer
-
-    def peer(self) -> str:
-        return self._peer
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise MemoryRpcError(code, details)
+def _context() -> ServicerContext:
+    return ServicerContext("memory", MemoryRpcError)
 
 
 def _copy(message: Any) -> Any:
@@ -61,7 +53,7 @@ def _copy(message: Any) -> Any:
 class _Stream:
     """One bidirectional stream: a handler thread runs the servicer's method on it."""
 
-    def __init__(self, handler: Callable[[Iterator[Any], _Context], Iterator[Any]] | None,
+    def __init__(self, handler: Callable[[Iterator[Any], ServicerContext], Iterator[Any]] | None,
                  requests: Iterator[Any], address: str) -> None:
         self._replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._broken = threading.Event()
@@ -71,10 +63,10 @@ class _Stream:
         threading.Thread(target=self._serve, args=(handler, requests), daemon=True,
                          name=f"memory-{address}").start()
 
-    def _serve(self, handler: Callable[[Iterator[Any], _Context], Iterator[Any]],
+    def _serve(self, handler: Callable[[Iterator[Any], ServicerContext], Iterator[Any]],
                requests: Iterator[Any]) -> None:
         try:
-            for reply in handler(self._incoming(requests), _Context("memory")):
+            for reply in handler(self._incoming(requests), _context()):
                 if self._broken.is_set():
                     return
                 self._replies.put(_copy(reply))
@@ -173,7 +165,7 @@ class MemoryNetwork:
             servicer = self._servicers.get(address)
         if servicer is None:
             raise MemoryRpcError(grpc.StatusCode.UNAVAILABLE, f"nothing listens on {address}")
-        return _copy(getattr(servicer, method)(_copy(request), _Context("memory")))
+        return _copy(getattr(servicer, method)(_copy(request), _context()))
 
     def _open(self, connection: _Connection, method: str, messages: Iterator[Any]) -> _Stream:
         with self._lock:

@@ -310,17 +310,23 @@ class _Aborted(Exception):
     pass
 
 
-class _Context:
-    """The little of grpc.ServicerContext the stream servicers use."""
+class ServicerContext:
+    """The little of grpc.ServicerContext that dnet's servicers use, outside gRPC: the peer,
+    and `abort`, which raises `error(code, details)`."""
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, error: Callable[[grpc.StatusCode, str], Exception]) -> None:
         self._peer = peer
+        self._error = error
 
     def peer(self) -> str:
         return self._peer
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Aborted(f"{code.name}: {details}")
+        raise self._error(code, details)
+
+
+def _aborted(code: grpc.StatusCode, details: str) -> _Aborted:
+    return _Aborted(f"{code.name}: {details}")
 
 
 class DataListener:
@@ -376,7 +382,8 @@ class DataListener:
                     return
                 handler, request_type = found
                 writer.attach(sock)
-                for reply in handler(self._requests(reader, request_type), _Context(peer)):
+                context = ServicerContext(peer, _aborted)
+                for reply in handler(self._requests(reader, request_type), context):
                     writer.write(reply.SerializeToString())
         except (OSError, ValueError, _Aborted) as exc:  # a broken or malformed stream
             log.debug("data stream from %s ended: %s", peer, exc)
